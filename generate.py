@@ -1,0 +1,142 @@
+"""Stage 1: generate a round of images for a person to rate.
+
+    python generate.py [--name=value ...]          (or: accelerate launch generate.py ...)
+
+Reads   models/checkpoint/ and, by default, the newest outputs/diffusers_lora_epoch_N.safetensors
+        (--generate_lora=none for the base model, or a file path).
+Writes  samples/<seed>.png with WebUI-style `parameters`, samples/latents/<seed>.safetensors (the final
+        latent, so no stage re-encodes PNGs), samples/round.json (the round's settings and seeds).
+An interrupted run resumes: run it again and only the missing images are made. A new round (other
+settings or LoRA, or the current one already rated) first moves the old one to samples/history/.
+"""
+
+import json
+import os
+import random
+
+import torch
+from accelerate import PartialState
+from PIL.PngImagePlugin import PngInfo
+from tqdm.auto import tqdm
+
+from utils.cli import UserError, run_stage
+from utils.files import write_json_atomic
+from utils.lora import latest_lora
+from utils.samples import ROUND_FILE, archive_round, latent_file, round_images, save_latent, webui_parameters
+from utils.sampling import decode_latents, load_pipeline
+
+USED_SETTINGS = ["checkpoint_path", "sample_path", "score_path", "lora_path", "generate_lora", "device",
+                 "generate_sample_size", "generate_batch_size", "generate_vae_slicing", "generate_vae_tiling",
+                 "prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "eta"]
+
+
+def resolve_lora(settings):
+    """Path of the LoRA to load, or None."""
+    if settings.generate_lora == "none":
+        return None
+    if settings.generate_lora == "latest":
+        return latest_lora(settings.lora_path)[1]
+    if not os.path.isfile(settings.generate_lora):
+        raise UserError(f"--generate_lora={settings.generate_lora!r} is not a file; give a diffusers-format "
+                        "LoRA .safetensors, 'latest' or 'none'.")
+    return settings.generate_lora
+
+
+def round_parameters(settings, lora):
+    return {"checkpoint": os.path.abspath(settings.checkpoint_path), "lora": lora and os.path.abspath(lora),
+            "prompt": settings.prompt, "negative_prompt": settings.negative_prompt, "height": settings.height,
+            "width": settings.width, "steps": settings.num_inference_steps,
+            "guidance_scale": settings.guidance_scale, "eta": settings.eta}
+
+
+def plan_round(settings, parameters):
+    """Start or resume the round in sample_path; returns its seeds. Moves an earlier round to history/."""
+    folder = settings.sample_path
+    os.makedirs(folder, exist_ok=True)
+    round_path = os.path.join(folder, ROUND_FILE)
+    current = None
+    if os.path.isfile(round_path):
+        with open(round_path) as f:
+            current = json.load(f)
+    resumable = current and current["parameters"] == parameters and not os.path.exists(settings.score_path)
+    if not resumable:
+        moved = archive_round(folder)
+        if moved:
+            print(f"moved the earlier round to {moved}/")
+        current = {"parameters": parameters, "seeds": []}
+    seeds = current["seeds"]
+    rng, taken = random.SystemRandom(), set(seeds)
+    while len(seeds) < settings.generate_sample_size:
+        seed = rng.randrange(2**31)
+        if seed not in taken:
+            seeds.append(seed)
+            taken.add(seed)
+    write_json_atomic(round_path, current)
+    return seeds[: settings.generate_sample_size]
+
+
+def save_image(folder, seed, image, latent, parameters_text):
+    """Latent first, PNG last and renamed into place: a PNG on disk means the image is complete."""
+    save_latent(latent_file(folder, f"{seed}.png"), latent)
+    info = PngInfo()
+    info.add_text("parameters", parameters_text)
+    path = os.path.join(folder, f"{seed}.png")
+    image.save(path + ".tmp", format="PNG", pnginfo=info)
+    os.replace(path + ".tmp", path)
+
+
+def main(settings):
+    state = PartialState(cpu=settings.device == "cpu")
+    lora = resolve_lora(settings)
+    dtype = torch.float16 if state.device.type == "cuda" else torch.float32
+    pipeline = load_pipeline(settings.checkpoint_path, state.device, dtype)
+    lora_name = None
+    if lora:
+        pipeline.load_lora_weights(lora)
+        lora_name = os.path.basename(lora).removesuffix(".safetensors").replace("diffusers_lora", "ui_lora")
+    if state.is_main_process:
+        print(f"LoRA: {lora}" if lora else "LoRA: none (base model)")
+    if settings.generate_vae_slicing:
+        pipeline.vae.enable_slicing()
+    if settings.generate_vae_tiling:
+        pipeline.vae.enable_tiling()
+
+    # ---------------------------------------------------------------- PLAN: which seeds this round still needs
+    if state.is_main_process:
+        plan_round(settings, round_parameters(settings, lora))
+    state.wait_for_everyone()
+    with open(os.path.join(settings.sample_path, ROUND_FILE)) as f:
+        seeds = json.load(f)["seeds"][: settings.generate_sample_size]
+    done = set(round_images(settings.sample_path))
+    missing = [s for s in seeds if f"{s}.png" not in done]
+    if state.is_main_process:
+        print(f"round: {len(seeds) - len(missing)} of {len(seeds)} images already made, generating {len(missing)}")
+
+    # ---------------------------------------------------------------- GENERATION
+    model_name = os.path.basename(os.path.normpath(settings.checkpoint_path))
+    with state.split_between_processes(missing) as my_seeds:
+        bar = tqdm(total=len(my_seeds), desc="generating", unit="img", disable=not state.is_main_process)
+        for start in range(0, len(my_seeds), settings.generate_batch_size):
+            batch = my_seeds[start:start + settings.generate_batch_size]
+            with torch.no_grad():
+                latents = pipeline(
+                    settings.prompt, negative_prompt=settings.negative_prompt, height=settings.height,
+                    width=settings.width, num_inference_steps=settings.num_inference_steps,
+                    guidance_scale=settings.guidance_scale, eta=settings.eta, num_images_per_prompt=len(batch),
+                    generator=[torch.Generator().manual_seed(s) for s in batch], output_type="latent",
+                ).images  # (batch, 4, h/8, w/8)
+                images = decode_latents(pipeline, latents)
+            for seed, image, latent in zip(batch, images, latents):
+                text = webui_parameters(settings.prompt, settings.negative_prompt, settings.num_inference_steps,
+                                        settings.guidance_scale, seed, settings.width, settings.height, settings.eta,
+                                        model_name, lora_name)
+                save_image(settings.sample_path, seed, image, latent, text)
+            bar.update(len(batch))
+        bar.close()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        print(f"done: {len(seeds)} images in {settings.sample_path}; rate them with `python score.py`")
+
+
+if __name__ == "__main__":
+    run_stage(main, USED_SETTINGS)

@@ -1,0 +1,187 @@
+"""Stage 3: learn a person's taste: a small CNN that predicts their score from an image's latent.
+
+    python train_reward.py [--name=value ...]
+
+Reads   samples/scores.json ({"<seed>.png": -5..5}) and the rated rounds in samples/history/*/, each
+        image's saved latent samples/latents/<seed>.safetensors (the PNG is VAE-encoded only when
+        no latent was saved, e.g. for images made elsewhere).
+Writes  models/reward_model.safetensors (the epoch with the best test loss; metadata in its header),
+        models/reward_metrics.jsonl (loss, Pearson, Spearman, pairwise accuracy per epoch) and
+        models/reward_metrics.png (their curves).
+"""
+
+import json
+import math
+import os
+import time
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from utils.cli import UserError, run_stage
+from utils.metrics import append_jsonl, pairwise_accuracy, pearson, plot_curves, read_jsonl, spearman
+from utils.reward_model import LatentRewardModel, save_reward_model
+from utils.samples import history_rounds, latent_file, load_latent
+from utils.sampling import load_pipeline
+
+USED_SETTINGS = ["sample_path", "score_path", "model_path", "reward_model_path", "checkpoint_path", "device",
+                 "train_reward_num_epochs", "train_reward_batch_size", "train_reward_test_split_ratio",
+                 "train_reward_learning_rate", "train_reward_use_history", "train_reward_flip_augment",
+                 "train_reward_min_correlation", "seed"]
+MIN_TEST_RATINGS = 10  # fewer held-out ratings than this make the test metrics noise
+
+
+def read_scores(path):
+    """{image name: score} from a scores.json; any malformed entry is an error that names it."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found: rate a round first with `python score.py`.")
+    try:
+        with open(path) as f:
+            scores = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path} is not valid JSON ({error}); fix it or rate again with `python score.py`.") from None
+    if not isinstance(scores, dict):
+        raise UserError(f"{path} must hold an object {{\"<image>.png\": score}}, not a {type(scores).__name__}.")
+    for name, score in scores.items():
+        if isinstance(score, bool) or not isinstance(score, int) or not -5 <= score <= 5:
+            raise UserError(f"{path}: the score of {name!r} is {score!r}; scores are whole numbers from -5 to 5.")
+    return scores
+
+
+def rated_rounds(settings):
+    """(folder, scores.json path) of every round to learn from: the current one, then history/."""
+    rounds = [(settings.sample_path, settings.score_path)]
+    if settings.train_reward_use_history:
+        rounds += [(folder, os.path.join(folder, "scores.json")) for folder in history_rounds(settings.sample_path)
+                   if os.path.isfile(os.path.join(folder, "scores.json"))]
+    return rounds
+
+
+def load_pairs(settings, device):
+    """(latents (n, 4, h/8, w/8), scores (n,)) of every rated image found; missing images are counted."""
+    latents, scores, missing, unencoded = [], [], 0, []
+    rounds = rated_rounds(settings)
+    if len(rounds) > 1 and not os.path.isfile(settings.score_path):
+        rounds = rounds[1:]  # the current round is not rated yet; learn from the rated history
+    for folder, score_file in rounds:
+        for name, score in read_scores(score_file).items():
+            image_path, saved = os.path.join(folder, name), latent_file(folder, name)
+            if os.path.isfile(saved):
+                latents.append(load_latent(saved))
+            elif os.path.isfile(image_path):
+                unencoded.append((len(latents), image_path))
+                latents.append(None)
+            else:
+                missing += 1
+                continue
+            scores.append(float(score))
+    if missing:
+        print(f"skipped {missing} rated entries whose image is not in their round's folder")
+    if unencoded:
+        encode_images(settings, unencoded, latents, device)
+    if not latents:
+        raise UserError(f"no rated images found in {settings.score_path} (or history): rate some with `python score.py`.")
+    shapes = [tuple(x.shape) for x in latents]
+    common = max(set(shapes), key=shapes.count)
+    keep = [i for i, s in enumerate(shapes) if s == common]
+    if len(keep) < len(latents):
+        print(f"skipped {len(latents) - len(keep)} ratings of images of another size than the majority's {common}")
+    return torch.stack([latents[i] for i in keep]), torch.tensor([scores[i] for i in keep])
+
+
+@torch.no_grad()
+def encode_images(settings, unencoded, latents, device):
+    """VAE-encode PNGs that have no saved latent (images made elsewhere); fills `latents` in place."""
+    print(f"VAE-encoding {len(unencoded)} images that have no saved latent")
+    pipeline = load_pipeline(settings.checkpoint_path, device, torch.float32)
+    for index, path in tqdm(unencoded, desc="encoding", unit="img"):
+        pixels = pipeline.image_processor.preprocess(Image.open(path).convert("RGB")).to(device)
+        latent = pipeline.vae.encode(pixels).latent_dist.mean * pipeline.vae.config.scaling_factor
+        latents[index] = latent[0].cpu()  # (4, h/8, w/8)
+
+
+def split(n, ratio):
+    """Indices (train, test), shuffled with a fixed seed so every run holds out the same ratings."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    n_test = math.ceil(n * ratio) if ratio > 0 and n > 1 else 0
+    return order[n_test:], order[:n_test]
+
+
+@torch.no_grad()
+def evaluate(model, latents, scores, batch_size):
+    if len(scores) == 0:
+        return {}
+    model.eval()
+    predicted = torch.cat([model(latents[i:i + batch_size]) for i in range(0, len(latents), batch_size)])
+    model.train()
+    return {"test_loss": torch.nn.functional.mse_loss(predicted, scores).item(),
+            "test_pearson": pearson(predicted, scores), "test_spearman": spearman(predicted, scores),
+            "test_pairwise_accuracy": pairwise_accuracy(predicted, scores)}
+
+
+def main(settings):
+    device = torch.device(settings.device)
+    torch.manual_seed(settings.seed)
+    latents, scores = load_pairs(settings, device)  # (n, 4, h/8, w/8), (n,)
+    train_idx, test_idx = split(len(scores), settings.train_reward_test_split_ratio)
+    train_x, train_y = latents[train_idx].to(device), scores[train_idx].to(device)
+    test_x, test_y = latents[test_idx].to(device), scores[test_idx].to(device)
+    print(f"{len(scores)} ratings (mean {scores.mean():.2f}, variance {scores.var(unbiased=False):.2f}): "
+          f"{len(train_idx)} to train on, {len(test_idx)} held out to test; latents {tuple(latents.shape[1:])}")
+    if len(test_idx) < MIN_TEST_RATINGS:
+        print(f"warning: only {len(test_idx)} ratings held out for testing; the test metrics below are unreliable. "
+              "Rate more images (or raise train_reward_test_split_ratio).")
+
+    model = LatentRewardModel().to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.train_reward_learning_rate)
+    os.makedirs(settings.model_path, exist_ok=True)
+    metrics_path = os.path.join(settings.model_path, "reward_metrics.jsonl")
+    run_started = time.strftime("%Y-%m-%d %H:%M:%S")
+    best, best_state = None, None
+
+    # ---------------------------------------------------------------- TRAINING
+    for epoch in range(1, settings.train_reward_num_epochs + 1):
+        order = torch.randperm(len(train_y), device=device)
+        epoch_loss = 0.0
+        for start in range(0, len(order), settings.train_reward_batch_size):
+            batch = order[start:start + settings.train_reward_batch_size]
+            x = train_x[batch]  # (b, 4, h/8, w/8)
+            if settings.train_reward_flip_augment:
+                flip = torch.rand(len(batch), device=device) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            loss = torch.nn.functional.mse_loss(model(x), train_y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            epoch_loss += loss.item() * len(batch)
+        record = {"run": run_started, "epoch": epoch, "train_loss": epoch_loss / len(train_y),
+                  **evaluate(model, test_x, test_y, settings.train_reward_batch_size)}
+        append_jsonl(metrics_path, record)
+        print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "run"))
+        score = record.get("test_loss", record["train_loss"])
+        if best is None or score <= best["score"]:
+            best = {"score": score, **record}
+            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    # ---------------------------------------------------------------- SAVE the best epoch
+    model.load_state_dict(best_state)
+    save_reward_model(model, settings.reward_model_path, {
+        "epoch": best["epoch"], "test_loss": best.get("test_loss"), "test_pearson": best.get("test_pearson"),
+        "latent_shape": list(latents.shape[1:]), "num_ratings": len(scores),
+        "score_mean": scores.mean().item(), "score_std": scores.std().item() if len(scores) > 1 else 0.0})
+    plot_path = os.path.join(settings.model_path, "reward_metrics.png")
+    plot_curves(plot_path, [r for r in read_jsonl(metrics_path) if r["run"] == run_started], "epoch",
+                [("MSE loss", ["train_loss", "test_loss"]),
+                 ("test set", ["test_pearson", "test_spearman", "test_pairwise_accuracy"])],
+                f"reward model, {len(scores)} ratings")
+    print(f"saved epoch {best['epoch']} (best test loss) to {settings.reward_model_path}; curves in {plot_path}")
+    correlation = best.get("test_pearson")
+    if correlation is not None and correlation < settings.train_reward_min_correlation:
+        print(f"warning: the reward model's test correlation is only {correlation:.2f} "
+              f"(< {settings.train_reward_min_correlation}): it has not learned your taste well enough to train a "
+              "policy on. Rate more images, or rate more consistently, and train again.")
+
+
+if __name__ == "__main__":
+    run_stage(main, USED_SETTINGS)

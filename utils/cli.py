@@ -1,0 +1,22 @@
+"""What every stage script does at its edges: read settings, turn bad input into one sentence."""
+
+import sys
+
+import config
+
+
+class UserError(Exception):
+    """Bad input from the user (a file, a setting, an entry): the message says which and what to do."""
+
+
+def run_stage(main, used_settings):
+    """Call main(settings) with the command line's settings; bad input exits with one line, not a traceback."""
+    try:
+        settings = config.parse(sys.argv[1:], used_settings)
+        main(settings)
+    except (UserError, config.SettingsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: everything saved so far is kept; run the same command again to go on.", file=sys.stderr)
+        sys.exit(130)

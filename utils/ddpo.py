@@ -1,0 +1,54 @@
+"""DDPO's learning rule: advantages from rewards, and PPO's clipped loss over a sample's DDIM steps."""
+
+from contextlib import nullcontext
+
+import torch
+
+from utils.ddim import ddim_step_with_logprob
+from utils.sampling import guided_noise_pred
+
+
+def compute_advantages(rewards, clip_max):
+    """(n,) rewards of the whole epoch -> (n,) advantages: mean 0, std 1, clipped to +-clip_max."""
+    return ((rewards - rewards.mean()) / (rewards.std() + 1e-8)).clamp(-clip_max, clip_max)
+
+
+def policy_gradient_backward(unet, scheduler, minibatch, positive_embeds, negative_embeds, guidance_scale, eta,
+                             clip_range, timesteps_per_call, backward=torch.Tensor.backward, no_sync=nullcontext):
+    """Accumulate the gradient of the minibatch's PPO loss, averaged over its samples and timesteps.
+
+    minibatch (b samples, k of their timesteps):
+      latents, next_latents  (b, k, 4, h/8, w/8)   x_t and the x_{t-1} the sampler took
+      log_probs              (b, k)                log-prob of that step when sampled
+      timesteps              (b, k)
+      advantages             (b,)
+    `timesteps_per_call` timesteps of every sample go through the UNet together; each call's loss is
+    weighted by its share of the k timesteps, so the gradient is the same for any grouping. `no_sync`
+    is entered for all calls but the last (multi-GPU: gradients are all-reduced once).
+    Returns the mean loss, share of clipped ratios and approximate KL to the sampling policy.
+    """
+    b, k = minibatch["log_probs"].shape
+    stats = {"loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0}
+    for start in range(0, k, timesteps_per_call):
+        steps = slice(start, min(start + timesteps_per_call, k))
+        c = steps.stop - steps.start
+
+        def flat(x):  # (b, c, ...) -> (b * c, ...), sample-major
+            return x[:, steps].reshape(b * c, *x.shape[2:])
+
+        noise_pred = guided_noise_pred(unet, flat(minibatch["latents"]), flat(minibatch["timesteps"]),
+                                       positive_embeds, negative_embeds, guidance_scale)
+        _, log_prob = ddim_step_with_logprob(scheduler, noise_pred, flat(minibatch["timesteps"]),
+                                             flat(minibatch["latents"]), eta, next_latents=flat(minibatch["next_latents"]))
+        advantages = minibatch["advantages"].repeat_interleave(c)  # (b * c,)
+        ratio = torch.exp(log_prob - flat(minibatch["log_probs"]))
+        pg_loss1 = -advantages * ratio
+        pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+        loss = torch.maximum(pg_loss1, pg_loss2).mean()
+        weight = c / k
+        with nullcontext() if steps.stop == k else no_sync():
+            backward(loss * weight)
+        stats["loss"] += loss.item() * weight
+        stats["clipfrac"] += ((ratio - 1.0).abs() > clip_range).float().mean().item() * weight
+        stats["approx_kl"] += (0.5 * (log_prob - flat(minibatch["log_probs"])) ** 2).mean().item() * weight
+    return stats

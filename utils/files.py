@@ -1,0 +1,62 @@
+"""Small helpers for the files that stages hand to each other: JSON written safely, PNG parameters read back."""
+
+import json
+import os
+import re
+import tempfile
+
+from PIL import Image
+
+# WebUI's own pattern for one `Key: value` pair of the settings line; a value may be "quoted, with commas"
+_SETTING = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
+_NEGATIVE = "Negative prompt:"
+
+
+def write_json_atomic(path, obj):
+    """Write obj as JSON so that a reader (or a crash) sees the old file or the new one, never half of one.
+
+    The temporary file is in the same folder because os.replace is atomic only within one file system.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, temp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not reach the disk before the data does
+        os.chmod(temp_path, 0o644)  # mkstemp makes the file private; the user's other files are not
+        os.replace(temp_path, path)
+    except BaseException:
+        os.unlink(temp_path)
+        raise
+
+
+def read_png_parameters(path):
+    """The PNG's `parameters` text chunk (what AUTOMATIC1111 WebUI and generate.py write), or None."""
+    with Image.open(path) as image:
+        return image.info.get("parameters")  # text chunks before the pixel data; the pixels are not decoded
+
+
+def parse_webui_parameters(text):
+    """Split WebUI's parameters text into prompt, negative prompt, LoRA tags and the `Key: value` settings.
+
+    The text is: prompt lines, optionally a line starting "Negative prompt:" (which may continue on more
+    lines), and a last line such as "Steps: 20, Sampler: DDIM, Seed: 123, Size: 720x1080".
+    Returns {"prompt", "negative_prompt", "loras": [(name, weight)], "settings": {key: value}}, all strings.
+    """
+    lines = text.strip().split("\n")
+    settings = {}
+    if len(_SETTING.findall(lines[-1])) >= 3:  # WebUI's test too: a prompt line rarely has three "Key: value"s
+        for key, value in _SETTING.findall(lines.pop()):
+            settings[key] = json.loads(value) if value.startswith('"') else value.strip()
+    prompt_lines, negative_lines = [], []
+    for line in lines:
+        if line.startswith(_NEGATIVE) or negative_lines:
+            negative_lines.append(line.removeprefix(_NEGATIVE).strip())
+        else:
+            prompt_lines.append(line)
+    prompt = "\n".join(prompt_lines).strip()
+    loras = [(name, weight or "1") for name, weight in _LORA_TAG.findall(prompt)]
+    return {"prompt": prompt, "negative_prompt": "\n".join(negative_lines), "loras": loras, "settings": settings}

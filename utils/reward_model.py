@@ -1,0 +1,40 @@
+"""The seed's reward model: a small CNN that scores a final latent directly (no VAE decode)."""
+
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+class LatentRewardModel(nn.Module):
+    """(batch, 4, h/8, w/8) latent -> (batch,) predicted score. Works for any latent size."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(8),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(32 * 8 * 8, 1024), nn.ReLU(), nn.Linear(1024, 1))
+
+    def forward(self, latents):
+        # MaxPool needs at least 8x8 latents (64 px images); smaller ones are padded up by the pooling.
+        return self.head(self.features(latents.float())).squeeze(-1)
+
+
+def save_reward_model(model, path, metadata):
+    """Weights as safetensors (no pickle), `metadata` (JSON-able) in the file's header; temp file + rename."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, path + ".tmp", metadata={"almostperfect": json.dumps(metadata)})
+    os.replace(path + ".tmp", path)
+
+
+def load_reward_model(path, device="cpu"):
+    """The frozen reward model saved at `path`, in eval mode on `device`."""
+    model = LatentRewardModel()
+    model.load_state_dict(load_file(path))
+    return model.to(device).eval().requires_grad_(False)

@@ -1,0 +1,66 @@
+"""The samples folder: a round of images, their latents, and earlier rounds kept in history/."""
+
+import os
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
+
+LATENTS = "latents"
+HISTORY = "history"
+ROUND_FILE = "round.json"
+
+
+def round_images(folder):
+    """Names of the round's images (`<seed>.png`) in `folder`, sorted by seed."""
+    if not os.path.isdir(folder):
+        return []
+    names = [n for n in os.listdir(folder) if n.endswith(".png") and n[:-4].isdigit()]
+    return sorted(names, key=lambda n: int(n[:-4]))
+
+
+def latent_file(folder, image_name):
+    return os.path.join(folder, LATENTS, os.path.splitext(image_name)[0] + ".safetensors")
+
+
+def save_latent(path, latent):
+    """Store a final latent (4, h/8, w/8) in fp16; temp file + rename."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file({"latent": latent.detach().to("cpu", torch.float16).contiguous()}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_latent(path):
+    return load_file(path)["latent"].float()  # (4, h/8, w/8)
+
+
+def history_rounds(folder):
+    """Earlier rounds moved to `folder`/history/, oldest first."""
+    history = os.path.join(folder, HISTORY)
+    if not os.path.isdir(history):
+        return []
+    return [os.path.join(history, n) for n in sorted(os.listdir(history)) if os.path.isdir(os.path.join(history, n))]
+
+
+def archive_round(folder):
+    """Move everything of the current round (all but history/) to history/round_NNN/; delete nothing."""
+    entries = [n for n in os.listdir(folder) if n != HISTORY]
+    if not entries:
+        return None
+    number = len(history_rounds(folder)) + 1
+    while os.path.exists(os.path.join(folder, HISTORY, f"round_{number:03d}")):
+        number += 1
+    target = os.path.join(folder, HISTORY, f"round_{number:03d}")
+    os.makedirs(target)
+    for name in entries:
+        shutil.move(os.path.join(folder, name), os.path.join(target, name))
+    return target
+
+
+def webui_parameters(prompt, negative_prompt, steps, guidance_scale, seed, width, height, eta, model, lora_name):
+    """Generation parameters as AUTOMATIC1111 WebUI writes them to a PNG's `parameters` chunk."""
+    if lora_name:
+        prompt = f"{prompt} <lora:{lora_name}:1>"
+    return (f"{prompt}\nNegative prompt: {negative_prompt}\n"
+            f"Steps: {steps}, Sampler: DDIM, CFG scale: {guidance_scale}, Seed: {seed}, Size: {width}x{height}, "
+            f"Model: {model}, Eta: {eta}")

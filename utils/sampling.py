@@ -1,0 +1,87 @@
+"""Loading the pipeline, encoding prompts, and the DDPO sampling loop (DDIM + CFG, per-step log-probs)."""
+
+import os
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+from transformers.utils import logging as transformers_logging
+
+from utils.cli import UserError
+from utils.ddim import ddim_step_with_logprob
+
+
+def load_pipeline(checkpoint_path, device, dtype):
+    """The StableDiffusionPipeline in `checkpoint_path` with a DDIM scheduler, no safety checker."""
+    if not os.path.isfile(os.path.join(checkpoint_path, "model_index.json")):
+        raise UserError(
+            f"No diffusers checkpoint at {checkpoint_path!r} (model_index.json missing): download SD1.5 there "
+            "(see README), build a tiny one with `python -m utils.tiny_checkpoint models/checkpoint`, "
+            "or pass --checkpoint_path=...")
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        checkpoint_path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
+
+
+@torch.no_grad()
+def encode_prompt(pipeline, prompt, negative_prompt, device):
+    """(positive, negative) text embeddings, each (1, 77, dim); computed once per run."""
+    positive, negative = pipeline.encode_prompt(prompt, device, 1, True, negative_prompt)
+    return positive, negative
+
+
+def guided_noise_pred(unet, latents, timesteps, positive_embeds, negative_embeds, guidance_scale):
+    """Classifier-free-guided noise prediction with the uncond and cond halves in one UNet call.
+
+    latents: (n, 4, h/8, w/8); timesteps: scalar or (n,); embeds: (1 or n, 77, dim).
+    """
+    n = latents.shape[0]
+    timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(n)
+    embeds = torch.cat([negative_embeds.expand(n, -1, -1), positive_embeds.expand(n, -1, -1)])
+    noise_pred = unet(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), encoder_hidden_states=embeds,
+                      return_dict=False)[0]
+    uncond, cond = noise_pred.float().chunk(2)
+    return uncond + guidance_scale * (cond - uncond)  # (n, 4, h/8, w/8), fp32
+
+
+@torch.no_grad()
+def sample_with_logprob(unet, scheduler, positive_embeds, negative_embeds, generators, height, width,
+                        num_inference_steps, guidance_scale, eta, progress=True):
+    """Sample one image per generator as StableDiffusionPipeline does, recording every DDIM step.
+
+    Returns the sample record:
+      latents    (batch, steps + 1, 4, h/8, w/8)  x_T ... x_0, fp32
+      log_probs  (batch, steps)                   log p(x_{t-1} | x_t) under the sampling policy
+      timesteps  (steps,)                          DDIM timesteps, descending
+    """
+    device = positive_embeds.device
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    shape = (len(generators), unet.config.in_channels, height // 8, width // 8)
+    latents = randn_tensor(shape, generator=generators, device=device, dtype=positive_embeds.dtype).float()
+    latents = latents * scheduler.init_noise_sigma
+    all_latents, all_log_probs = [latents], []
+    for t in tqdm(scheduler.timesteps, desc="sampling", leave=False, disable=not progress):
+        noise_pred = guided_noise_pred(unet, latents.to(positive_embeds.dtype), t, positive_embeds, negative_embeds,
+                                       guidance_scale)
+        latents, log_prob = ddim_step_with_logprob(scheduler, noise_pred, t, latents, eta, generator=generators)
+        all_latents.append(latents)
+        all_log_probs.append(log_prob)
+    return {
+        "latents": torch.stack(all_latents, dim=1),
+        "log_probs": torch.stack(all_log_probs, dim=1),
+        "timesteps": scheduler.timesteps.clone(),
+    }
+
+
+@torch.no_grad()
+def decode_latents(pipeline, latents):
+    """(batch, 4, h/8, w/8) final latents -> list of PIL images, decoded where the VAE is."""
+    vae = pipeline.vae
+    latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
+    return pipeline.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pil")
