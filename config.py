@@ -42,7 +42,7 @@ eta = 1.0  # DDIM noise (0 = deterministic); DDPO needs eta > 0 for its log-prob
 
 # ---------------------------------------------------------------- rating page (stage 2)
 score_host = "127.0.0.1"  # address the page listens on; anything but loopback lets the network see and change your ratings
-score_port = 7870  # tried first, the next free port if taken (0 = any free port); not 7860, which is WebUI's
+score_port = 7870  # if taken, any free port is used (0 = always any free port); not 7860, which is WebUI's
 score_open_browser = True  # open the page in the default browser at start
 
 # ---------------------------------------------------------------- reward model (stage 3)
@@ -71,6 +71,8 @@ train_compile = False  # torch.compile the UNet (slow first epoch, faster later 
 train_preview_seeds = "0,1,2,3"  # fixed seeds of the preview grid written at each save ("" = no previews)
 seed = 0  # seeds the policy's sampling noise and shuffles, so a run (and its resume) is reproducible
 
+# A file inside a folder setting follows that folder when only the folder is overridden on the command line.
+_FOLLOWS = {"score_path": ("sample_path", "scores.json"), "reward_model_path": ("model_path", "reward_model.safetensors")}
 _DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
 
 
@@ -110,6 +112,7 @@ def parse(argv, used=None):
     `used` lists the settings the calling stage reads; --help prints those and exits.
     """
     values = {k: globals()[k] for k in _DEFAULTS}  # re-read so edits made by tests/importers count
+    overridden = set()
     for arg in argv:
         if arg in ("-h", "--help"):
             print_help(values, used)
@@ -120,6 +123,10 @@ def parse(argv, used=None):
         if name not in values:
             raise _unknown(name)
         values[name] = _parse_value(name, text, _DEFAULTS[name])
+        overridden.add(name)
+    for name, (folder, file_name) in _FOLLOWS.items():
+        if folder in overridden and name not in overridden:
+            values[name] = os.path.join(values[folder], file_name)
     settings = SimpleNamespace(**values)
     validate(settings)
     return settings

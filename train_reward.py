@@ -20,6 +20,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from utils.cli import UserError, run_stage
+from utils.files import scores_format_problem
 from utils.metrics import append_jsonl, pairwise_accuracy, pearson, plot_curves, read_jsonl, spearman
 from utils.reward_model import LatentRewardModel, save_reward_model
 from utils.samples import history_rounds, latent_file, load_latent
@@ -41,11 +42,9 @@ def read_scores(path):
             scores = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"{path} is not valid JSON ({error}); fix it or rate again with `python score.py`.") from None
-    if not isinstance(scores, dict):
-        raise UserError(f"{path} must hold an object {{\"<image>.png\": score}}, not a {type(scores).__name__}.")
-    for name, score in scores.items():
-        if isinstance(score, bool) or not isinstance(score, int) or not -5 <= score <= 5:
-            raise UserError(f"{path}: the score of {name!r} is {score!r}; scores are whole numbers from -5 to 5.")
+    problem = scores_format_problem(scores)
+    if problem:
+        raise UserError(f"{path} is {problem}; fix it or rate again with `python score.py`.")
     return scores
 
 

@@ -33,6 +33,19 @@ def write_json_atomic(path, obj):
         raise
 
 
+MIN_SCORE, MAX_SCORE = -5, 5
+
+
+def scores_format_problem(scores):
+    """Why `scores` is not in the seed WebApp's format {"<file>.png": whole number in -5..+5}, or None."""
+    if not isinstance(scores, dict):
+        return f"not an object {{\"<seed>.png\": score}} but a {type(scores).__name__}"
+    for name, score in scores.items():
+        if isinstance(score, bool) or not isinstance(score, int) or not MIN_SCORE <= score <= MAX_SCORE:
+            return f"not in the expected format (the score of {name!r} is {score!r}, not a whole number from -5 to 5)"
+    return None
+
+
 def read_png_parameters(path):
     """The PNG's `parameters` text chunk (what AUTOMATIC1111 WebUI and generate.py write), or None."""
     with Image.open(path) as image:

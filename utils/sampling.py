@@ -22,8 +22,9 @@ def load_pipeline(checkpoint_path, device, dtype):
             "or pass --checkpoint_path=...")
     diffusers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
     pipeline = StableDiffusionPipeline.from_pretrained(
-        checkpoint_path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+        checkpoint_path, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
