@@ -17,13 +17,12 @@ import time
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from PIL import Image
 from tqdm.auto import tqdm
 
 from utils.cli import UserError, run_stage
 from utils.ddpo import compute_advantages, policy_gradient_backward
 from utils.lora import add_lora, latest_lora, load_lora_into_unet, save_lora
-from utils.metrics import append_jsonl, plot_curves, read_jsonl
+from utils.metrics import append_jsonl, contact_sheet, plot_curves, read_jsonl
 from utils.reward_model import load_reward_model
 from utils.sampling import decode_latents, encode_prompt, load_pipeline, sample_with_logprob
 
@@ -85,24 +84,45 @@ def training_minibatches(samples, advantages, settings, generator):
         yield {key: value[index] for key, value in chosen.items()}
 
 
-def save_preview(settings, pipeline, unet, embeds, epoch, device):
-    """A row of images from fixed seeds, so a person sees what the LoRA does at each save."""
+def train_epoch(settings, accelerator, unet, optimizer, scheduler, embeds, samples, advantages, generator):
+    """One PPO pass over this process's samples, an optimizer step per minibatch; returns the mean stats."""
+    unet.train()
+    totals = {"loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0}
+    minibatches = list(training_minibatches(samples, advantages, settings, generator))
+    for minibatch in tqdm(minibatches, desc="training", leave=False, disable=not accelerator.is_main_process):
+        stats = policy_gradient_backward(
+            unet, scheduler, minibatch, *embeds, settings.guidance_scale, settings.eta, settings.train_clip_range,
+            settings.train_timesteps_per_call, backward=accelerator.backward, no_sync=lambda: accelerator.no_sync(unet))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for key in totals:
+            totals[key] += stats[key] / len(minibatches)
+    return totals
+
+
+def save_preview(settings, pipeline, unet, embeds, reward_model, epoch, device):
+    """Fixed seeds without the LoRA and with it, each with its reward, so a person sees what the LoRA does."""
     seeds = [int(s) for s in settings.train_preview_seeds.split(",") if s.strip()]
     if not seeds:
         return None
-    record = sample_with_logprob(unet, pipeline.scheduler, *embeds, [torch.Generator().manual_seed(s) for s in seeds],
-                                 settings.height, settings.width, settings.num_inference_steps,
-                                 settings.guidance_scale, settings.eta, progress=False)
+    latents = []
+    for with_lora in (False, True):
+        unet.enable_adapters() if with_lora else unet.disable_adapters()
+        latents.append(sample_with_logprob(
+            unet, pipeline.scheduler, *embeds, [torch.Generator().manual_seed(s) for s in seeds], settings.height,
+            settings.width, settings.num_inference_steps, settings.guidance_scale, settings.eta, progress=False,
+        )["latents"][:, -1])
+    latents = torch.cat(latents)  # (2 x seeds, 4, h/8, w/8): the base model's row, then the LoRA's
     vae_home = pipeline.vae.device
     pipeline.vae.to(device)
-    images = decode_latents(pipeline, record["latents"][:, -1])
+    images = decode_latents(pipeline, latents)
     pipeline.vae.to(vae_home)
-    grid = Image.new("RGB", (settings.width * len(images), settings.height))
-    for i, image in enumerate(images):
-        grid.paste(image, (i * settings.width, 0))
+    rewards = reward_model(latents).tolist()
+    captions = [f"{'base' if i < len(seeds) else f'epoch {epoch}'}  seed {seeds[i % len(seeds)]}\nreward {r:+.2f}"
+                for i, r in enumerate(rewards)]
     path = os.path.join(settings.lora_path, f"preview_epoch_{epoch}.png")
-    grid.save(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
+    contact_sheet(path, images, captions, thumbnail=min(max(settings.height, settings.width, 128), 384),
+                  columns=len(seeds))
     return path
 
 
@@ -142,6 +162,8 @@ def main(settings):
         optimizer_path = os.path.join(settings.lora_path, f"optimizer_epoch_{resume_epoch}.pt")
         if os.path.isfile(optimizer_path):
             optimizer.load_state_dict(torch.load(optimizer_path, map_location="cpu", weights_only=True))
+            for group in optimizer.param_groups:  # load_state_dict restores the saved run's learning rate
+                group["lr"] = settings.train_policy_learning_rate
         first_epoch = resume_epoch + 1
         say(f"resuming from {resume_path}: epoch {first_epoch} of {settings.train_policy_num_epochs}")
     unet, optimizer = accelerator.prepare(unet, optimizer)
@@ -156,6 +178,7 @@ def main(settings):
         f"image(s) each per process, {max(1, int(settings.num_inference_steps * settings.train_timestep_fraction))} "
         f"timesteps per image, {settings.train_timesteps_per_call} per UNet call")
     metrics_path = os.path.join(settings.lora_path, "policy_metrics.jsonl")
+    run_started = time.strftime("%Y-%m-%d %H:%M:%S")  # in each metrics record: the plot marks where a run resumed
 
     for epoch in range(first_epoch, settings.train_policy_num_epochs + 1):
         # ---------------------------------------------------------------- SAMPLING
@@ -172,30 +195,24 @@ def main(settings):
 
         # ---------------------------------------------------------------- TRAINING
         started = time.perf_counter()
-        unet.train()
-        totals = {"loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0}
-        minibatches = list(training_minibatches(samples, advantages, settings,
-                                                torch.Generator().manual_seed(settings.seed * 7919 + epoch * 31 + rank)))
-        for minibatch in tqdm(minibatches, desc=f"epoch {epoch} training", leave=False,
-                              disable=not accelerator.is_main_process):
-            stats = policy_gradient_backward(
-                unet, pipeline.scheduler, minibatch, *embeds, settings.guidance_scale, settings.eta,
-                settings.train_clip_range, settings.train_timesteps_per_call,
-                backward=accelerator.backward, no_sync=lambda: accelerator.no_sync(unet))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            for key in totals:
-                totals[key] += stats[key] / len(minibatches)
+        totals = train_epoch(settings, accelerator, unet, optimizer, pipeline.scheduler, embeds, samples, advantages,
+                             torch.Generator().manual_seed(settings.seed * 7919 + epoch * 31 + rank))
+        # Each process trained on its share of the images: log the mean over all of them.
+        totals = {key: accelerator.reduce(torch.tensor(value, device=device), "mean").item()
+                  for key, value in totals.items()}
         training_seconds = time.perf_counter() - started
 
         # ---------------------------------------------------------------- LOG and SAVE
-        record = {"epoch": epoch, "reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
-                  **totals, "sampling_seconds": sampling_seconds, "training_seconds": training_seconds}
+        record = {"run": run_started, "epoch": epoch, "reward_mean": all_rewards.mean().item(),
+                  "reward_std": all_rewards.std().item(), **totals,
+                  "sampling_seconds": sampling_seconds, "training_seconds": training_seconds}
         if accelerator.is_main_process:
             append_jsonl(metrics_path, record)
             plot_curves(os.path.join(settings.lora_path, "policy_metrics.png"), read_jsonl(metrics_path), "epoch",
-                        [("reward", ["reward_mean", "reward_std"]), ("PPO", ["clipfrac", "approx_kl"]),
-                         ("seconds", ["sampling_seconds", "training_seconds"])], f"DDPO: {settings.prompt}")
+                        [("reward of the epoch's images", [("reward_mean", "reward_std")]), ("PPO loss", ["loss"]),
+                         ("seconds", ["sampling_seconds", "training_seconds"]),
+                         ("share of clipped ratios", ["clipfrac"]), ("approx. KL to the sampling policy", ["approx_kl"])],
+                        f"DDPO: {settings.prompt}")
         say(f"epoch {epoch}: reward {record['reward_mean']:.4f} ± {record['reward_std']:.4f}, loss {totals['loss']:.4g}, "
             f"clipfrac {totals['clipfrac']:.3f}, kl {totals['approx_kl']:.2e}, "
             f"sampling {sampling_seconds:.1f}s, training {training_seconds:.1f}s")
@@ -205,7 +222,7 @@ def main(settings):
                 optimizer_path = os.path.join(settings.lora_path, f"optimizer_epoch_{epoch}.pt")
                 torch.save(optimizer.state_dict(), optimizer_path + ".tmp")
                 os.replace(optimizer_path + ".tmp", optimizer_path)
-                preview = save_preview(settings, pipeline, sampler_unet, embeds, epoch, device)
+                preview = save_preview(settings, pipeline, sampler_unet, embeds, reward_model, epoch, device)
                 say(f"saved {paths[0]}, {paths[1]}" + (f", preview {preview}" if preview else ""))
             accelerator.wait_for_everyone()
     if first_epoch > settings.train_policy_num_epochs:

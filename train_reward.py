@@ -8,6 +8,12 @@ Reads   samples/scores.json ({"<seed>.png": -5..5}) and the rated rounds in samp
 Writes  models/reward_model.safetensors (the epoch with the best test loss; metadata in its header),
         models/reward_metrics.jsonl (loss, Pearson, Spearman, pairwise accuracy per epoch) and
         models/reward_metrics.png (their curves).
+
+    python train_reward.py --rank_folder=path/to/images
+
+ranks any folder of images with the trained model instead (best first), to check what it learned
+against your own taste: prints the ranking and writes models/ranking.json and models/ranking.png
+(a contact sheet in rank order); nothing is written into the ranked folder.
 """
 
 import json
@@ -21,16 +27,19 @@ from tqdm.auto import tqdm
 
 from utils.cli import UserError, run_stage
 from utils.files import scores_format_problem
-from utils.metrics import append_jsonl, pairwise_accuracy, pearson, plot_curves, read_jsonl, spearman
-from utils.reward_model import LatentRewardModel, save_reward_model
+from utils.files import write_json_atomic
+from utils.metrics import append_jsonl, contact_sheet, pairwise_accuracy, pearson, plot_curves, read_jsonl, spearman
+from utils.reward_model import LatentRewardModel, load_reward_model, reward_model_metadata, save_reward_model
 from utils.samples import history_rounds, latent_file, load_latent
 from utils.sampling import load_pipeline
 
 USED_SETTINGS = ["sample_path", "score_path", "model_path", "reward_model_path", "checkpoint_path", "device",
                  "train_reward_num_epochs", "train_reward_batch_size", "train_reward_test_split_ratio",
                  "train_reward_learning_rate", "train_reward_use_history", "train_reward_flip_augment",
-                 "train_reward_min_correlation", "seed"]
+                 "train_reward_min_correlation", "seed", "rank_folder"]
 MIN_TEST_RATINGS = 10  # fewer held-out ratings than this make the test metrics noise
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+SHEET_IMAGES = 48  # the contact sheet shows all images up to this many, else the best and worst halves
 
 
 def read_scores(path):
@@ -90,12 +99,14 @@ def load_pairs(settings, device):
 
 
 @torch.no_grad()
-def encode_images(settings, unencoded, latents, device):
-    """VAE-encode PNGs that have no saved latent (images made elsewhere); fills `latents` in place."""
+def encode_images(settings, unencoded, latents, device, size=None):
+    """VAE-encode images that have no saved latent (made elsewhere), resized to `size` (h, w) if given;
+    fills `latents` in place."""
     print(f"VAE-encoding {len(unencoded)} images that have no saved latent")
     pipeline = load_pipeline(settings.checkpoint_path, device, torch.float32)
+    height, width = size or (None, None)
     for index, path in tqdm(unencoded, desc="encoding", unit="img"):
-        pixels = pipeline.image_processor.preprocess(Image.open(path).convert("RGB")).to(device)
+        pixels = pipeline.image_processor.preprocess(Image.open(path).convert("RGB"), height, width).to(device)
         latent = pipeline.vae.encode(pixels).latent_dist.mean * pipeline.vae.config.scaling_factor
         latents[index] = latent[0].cpu()  # (4, h/8, w/8)
 
@@ -119,8 +130,46 @@ def evaluate(model, latents, scores, batch_size):
             "test_pairwise_accuracy": pairwise_accuracy(predicted, scores)}
 
 
+@torch.no_grad()
+def rank_folder(settings, device):
+    """--rank_folder: the trained model's score of every image in a folder, printed best first."""
+    folder = settings.rank_folder
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS)) if os.path.isdir(folder) else []
+    if not names:
+        raise UserError(f"--rank_folder={folder!r} is not a folder with .png, .jpg or .webp images in it.")
+    if not os.path.isfile(settings.reward_model_path):
+        raise UserError(f"no reward model at {settings.reward_model_path}: train one first with `python train_reward.py`.")
+    latents = [load_latent(latent_file(folder, n)) if os.path.isfile(latent_file(folder, n)) else None for n in names]
+    unencoded = [(i, os.path.join(folder, n)) for i, n in enumerate(names) if latents[i] is None]
+    if unencoded:  # at the size the model was trained on, as the person saw their samples
+        shape = reward_model_metadata(settings.reward_model_path).get("latent_shape")
+        encode_images(settings, unencoded, latents, device, shape and (shape[1] * 8, shape[2] * 8))
+    model = load_reward_model(settings.reward_model_path, device)
+    scores = sorted(((model(x[None].to(device)).item(), n) for x, n in zip(latents, names)), reverse=True)
+    ranking = [{"rank": rank, "image": name, "score": score} for rank, (score, name) in enumerate(scores, 1)]
+
+    print(f"{len(names)} images in {folder}, best first by the reward model {settings.reward_model_path}:")
+    for entry in ranking[:10] + ([{"rank": "..."}] if len(ranking) > 20 else []) + ranking[max(10, len(ranking) - 10):]:
+        print(f"{entry['rank']:>6}  {entry['score']:+.3f}  {entry['image']}" if "image" in entry else f"{'...':>6}")
+    os.makedirs(settings.model_path, exist_ok=True)
+    json_path, sheet_path = (os.path.join(settings.model_path, name) for name in ("ranking.json", "ranking.png"))
+    write_json_atomic(json_path, {"folder": os.path.abspath(folder), "reward_model": settings.reward_model_path,
+                                  "ranking": ranking})
+    shown = ranking if len(ranking) <= SHEET_IMAGES else ranking[:SHEET_IMAGES // 2] + ranking[-(SHEET_IMAGES // 2):]
+    contact_sheet(sheet_path, [os.path.join(folder, e["image"]) for e in shown],
+                  [f"#{e['rank']}  {e['score']:+.2f}\n{short_name(e['image'])}" for e in shown])
+    print(f"full ranking in {json_path}; {'all images' if shown is ranking else f'the best and worst {SHEET_IMAGES // 2}'}"
+          f" in rank order in {sheet_path}")
+
+
+def short_name(name, length=18):
+    return name if len(name) <= length else name[:length // 2 - 1] + "…" + name[-(length // 2):]
+
+
 def main(settings):
     device = torch.device(settings.device)
+    if settings.rank_folder:
+        return rank_folder(settings, device)
     torch.manual_seed(settings.seed)
     latents, scores = load_pairs(settings, device)  # (n, 4, h/8, w/8), (n,)
     train_idx, test_idx = split(len(scores), settings.train_reward_test_split_ratio)

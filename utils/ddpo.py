@@ -30,25 +30,23 @@ def policy_gradient_backward(unet, scheduler, minibatch, positive_embeds, negati
     b, k = minibatch["log_probs"].shape
     stats = {"loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0}
     for start in range(0, k, timesteps_per_call):
-        steps = slice(start, min(start + timesteps_per_call, k))
-        c = steps.stop - steps.start
-
-        def flat(x):  # (b, c, ...) -> (b * c, ...), sample-major
-            return x[:, steps].reshape(b * c, *x.shape[2:])
-
-        noise_pred = guided_noise_pred(unet, flat(minibatch["latents"]), flat(minibatch["timesteps"]),
-                                       positive_embeds, negative_embeds, guidance_scale)
-        _, log_prob = ddim_step_with_logprob(scheduler, noise_pred, flat(minibatch["timesteps"]),
-                                             flat(minibatch["latents"]), eta, next_latents=flat(minibatch["next_latents"]))
+        c = min(timesteps_per_call, k - start)
+        # (b, c, ...) -> (b * c, ...), sample-major, as the advantages are repeated below
+        chunk = {key: minibatch[key][:, start:start + c].flatten(0, 1)
+                 for key in ("latents", "next_latents", "log_probs", "timesteps")}
+        noise_pred = guided_noise_pred(unet, chunk["latents"], chunk["timesteps"], positive_embeds, negative_embeds,
+                                       guidance_scale)
+        _, log_prob = ddim_step_with_logprob(scheduler, noise_pred, chunk["timesteps"], chunk["latents"], eta,
+                                             next_latents=chunk["next_latents"])
         advantages = minibatch["advantages"].repeat_interleave(c)  # (b * c,)
-        ratio = torch.exp(log_prob - flat(minibatch["log_probs"]))
+        ratio = torch.exp(log_prob - chunk["log_probs"])
         pg_loss1 = -advantages * ratio
         pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
         loss = torch.maximum(pg_loss1, pg_loss2).mean()
         weight = c / k
-        with nullcontext() if steps.stop == k else no_sync():
+        with nullcontext() if start + c == k else no_sync():
             backward(loss * weight)
-        stats["loss"] += loss.item() * weight
-        stats["clipfrac"] += ((ratio - 1.0).abs() > clip_range).float().mean().item() * weight
-        stats["approx_kl"] += (0.5 * (log_prob - flat(minibatch["log_probs"])) ** 2).mean().item() * weight
-    return stats
+        stats["loss"] += loss.detach() * weight
+        stats["clipfrac"] += ((ratio - 1.0).abs() > clip_range).float().mean() * weight
+        stats["approx_kl"] += (0.5 * (log_prob.detach() - chunk["log_probs"]) ** 2).mean() * weight
+    return {key: float(value) for key, value in stats.items()}  # one device sync per minibatch, not per call

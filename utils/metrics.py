@@ -1,5 +1,6 @@
 """Numbers and plots that show whether a stage is learning: correlations, JSON-lines logs, curves."""
 
+import contextlib
 import json
 import os
 
@@ -50,24 +51,61 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_curves(path, records, x_key, panels, title):
-    """A PNG with one panel per (panel title, [metric keys]); written to a temp file and renamed."""
+def plot_curves(path, records, x_key, panels, title, columns=3):
+    """A PNG with one panel per (panel title, keys), `columns` panels a row; temp file + rename.
+
+    A key is a metric's name, or a (mean, spread) pair of names drawn as a line in a band. Where the
+    records' "run" changes (a resumed run, e.g. with a new reward model), a dashed line marks it.
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
-    for axis, (panel_title, keys) in zip(axes[0], panels):
+    rows, columns = -(-len(panels) // columns), min(columns, len(panels))
+    figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.6 * rows), squeeze=False)
+    new_runs = [b[x_key] for a, b in zip(records, records[1:]) if a.get("run") != b.get("run")]
+    for axis, (panel_title, keys) in zip(axes.flat, panels):
         for key in keys:
-            points = [(r[x_key], r[key]) for r in records if r.get(key) is not None]
-            if points:
-                axis.plot(*zip(*points), marker="o", markersize=3, label=key)
+            mean, spread = key if isinstance(key, tuple) else (key, None)
+            points = [(r[x_key], r[mean], r.get(spread, 0.0)) for r in records if r.get(mean) is not None]
+            if not points:
+                continue
+            x, y, band = zip(*points)
+            line = axis.plot(x, y, marker="o", markersize=3, label=f"{mean} ± {spread}" if spread else mean)[0]
+            if spread:
+                axis.fill_between(x, [a - b for a, b in zip(y, band)], [a + b for a, b in zip(y, band)],
+                                  color=line.get_color(), alpha=0.2)
+        for i, x in enumerate(new_runs):
+            axis.axvline(x - 0.5, color="grey", linestyle="--", linewidth=1, label=None if i else "resumed")
         axis.set_title(panel_title)
         axis.set_xlabel(x_key)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
+    for axis in axes.flat[len(panels):]:
+        axis.set_visible(False)
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path + ".tmp.png", dpi=100)
     plt.close(figure)
+    os.replace(path + ".tmp.png", path)
+
+
+def contact_sheet(path, images, captions, thumbnail=128, columns=8):
+    """The images (PIL images or paths) in the given order, each scaled to fit `thumbnail` px, with its
+    caption (may hold a newline) under it; temp file + rename."""
+    from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+    caption_height = 34
+    columns = min(columns, len(images))
+    rows = -(-len(images) // columns)
+    sheet = Image.new("RGB", (columns * thumbnail, rows * (thumbnail + caption_height)), "white")
+    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default(size=13)
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        x, y = (i % columns) * thumbnail, (i // columns) * (thumbnail + caption_height)
+        with Image.open(image) if isinstance(image, (str, os.PathLike)) else contextlib.nullcontext(image) as image:
+            image = ImageOps.contain(image.convert("RGB"), (thumbnail - 4, thumbnail - 4))
+        sheet.paste(image, (x + (thumbnail - image.width) // 2, y + (thumbnail - image.height) // 2))
+        draw.multiline_text((x + thumbnail // 2, y + thumbnail), caption, fill="black", font=font, anchor="ma",
+                            align="center", spacing=2)
+    sheet.save(path + ".tmp.png")
     os.replace(path + ".tmp.png", path)

@@ -4,6 +4,7 @@ import json
 import os
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -31,6 +32,12 @@ def save_reward_model(model, path, metadata):
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, path + ".tmp", metadata={"almostperfect": json.dumps(metadata)})
     os.replace(path + ".tmp", path)
+
+
+def reward_model_metadata(path):
+    """The metadata saved with the model (epoch, test metrics, latent_shape, ...), {} if there is none."""
+    with safe_open(path, framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("almostperfect", "{}"))
 
 
 def load_reward_model(path, device="cpu"):

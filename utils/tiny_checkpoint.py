@@ -1,9 +1,25 @@
 """A tiny Stable-Diffusion-1.5-shaped checkpoint, built on disk with no download.
 
-Same module names as SD1.5 (so LoRA keys are exactly those of a real SD1.5 LoRA), tiny widths,
-random weights. Tests use it, and so can a newcomer who wants to run the whole loop first:
+Same module names as SD1.5 (so LoRA keys are exactly those of a real SD1.5 LoRA), tiny widths.
+Tests use it, and so does demo.py, which runs the whole loop on it:
 
     python -m utils.tiny_checkpoint models/tiny_checkpoint
+
+Random weights alone make a poor stand-in: a random UNet's noise predictions blow the latents up
+through DDIM (std ~16) and a random VAE decodes any latent to near-uniform grey, so there is nothing
+for a rater to like. Two small pieces of wiring on top of the random weights fix that:
+
+- UNet: a skip path from the input to the output predicts the noise from x_t as a denoiser of
+  smooth latents would (see SMOOTH_GAIN), so 20 DDIM steps end on latents of std ~0.9 whose
+  channel means differ from seed to seed. All the random blocks (every attention layer the LoRA
+  trains among them) add their output to it, so a LoRA can move the images.
+- VAE: decodes as SD1.5's well-known linear latent -> RGB preview map (ComfyUI's factors),
+  smoothed, so an image's brightness and colour follow its latent's channel means; the encoder is
+  that map's inverse, so PNGs made elsewhere encode to sensible latents.
+Both paths go through GroupNorms, which would remove an image's mean; each latent channel is
+therefore carried as a (+x, -x) pair of feature channels (one norm group: mean 0 exactly, and
+SiLU(u) - SiLU(-u) = u), at a scale small enough that the norm's epsilon, not the feature's
+variance, sets its gain, which makes the whole path linear.
 """
 
 import json
@@ -17,6 +33,20 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 CROSS_ATTENTION_DIM = 32
+LATENT_CHANNELS = 4
+# eps = gain * x_t on the skip path, with a lower gain for smooth content than for pixel-level detail: the
+# Wiener-style guess for latents whose power is mostly at low frequencies, as real images' latents are.
+# 0.4 and 0.9 end DDIM (10 or 20 steps, eta 1) on latents of std ~0.9 whose channel means vary by ~0.25.
+SMOOTH_GAIN, DETAIL_GAIN = 0.4, 0.9
+RANDOM_BLOCKS_SHARE = 0.1  # weight of the random UNet blocks' output next to the skip path (LoRA leverage)
+UNET_PAIR_SCALE = 1e-3  # feature scale of the UNet's (+x, -x) pairs: variance << GroupNorm eps 1e-5
+VAE_PAIR_SCALE = 3e-5  # the same in the VAE (latents / 0.18215 reach ~5; GroupNorm eps there is 1e-6)
+VAE_CONTRAST = 0.3  # pixel value (-1..1) per unit of the latent -> RGB map; higher saturates more pixels
+# ComfyUI's approximate SD1.5 latent -> RGB factors (its cheap previews): rows = latent channels, columns = R, G, B
+SD15_LATENT_RGB = [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350],
+                   [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]]
+BLUR = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
+CENTRE = torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
 
 
 def sd15_scheduler():
@@ -25,22 +55,109 @@ def sd15_scheduler():
                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
+def _pairs(matrix, kernel):
+    """Conv weight taking input channel j to output channels (2c, 2c+1) as +-matrix[c, j] * kernel."""
+    matrix = torch.as_tensor(matrix, dtype=torch.float32)
+    weight = torch.stack([matrix, -matrix], dim=1).reshape(2 * matrix.shape[0], matrix.shape[1])
+    return weight[:, :, None, None] * kernel
+
+
+def _unpairs(matrix, kernel=CENTRE):
+    """3x3 conv weight reading pairs: output o = sum over c of matrix[o, c] * kernel * (input 2c - input 2c+1) / 2."""
+    matrix = torch.as_tensor(matrix, dtype=torch.float32)
+    weight = torch.stack([matrix, -matrix], dim=2).reshape(matrix.shape[0], 2 * matrix.shape[1]) / 2
+    return weight[:, :, None, None] * kernel
+
+
+def _identity_resnets(blocks):
+    """Zero each resnet's and attention's residual branch, so the block passes its input through."""
+    for block in blocks:
+        for resnet in block.resnets:
+            resnet.conv2.weight.zero_()
+            resnet.conv2.bias.zero_()
+        for attention in getattr(block, "attentions", None) or []:
+            attention.to_out[0].weight.zero_()
+            attention.to_out[0].bias.zero_()
+
+
+def _linear_norm_gain(norm, scale):
+    """GroupNorm of pair features at `scale`: its output per unit of x (its epsilon sets the gain)."""
+    return scale / norm.eps ** 0.5
+
+
+@torch.no_grad()
 def tiny_unet():
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, layers_per_block=2,
         block_out_channels=(8, 16, 32, 32), norm_num_groups=4,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         cross_attention_dim=CROSS_ATTENTION_DIM, attention_head_dim=2,
     )
+    identity = torch.eye(LATENT_CHANNELS)
+    unet.conv_in.weight.copy_(_pairs(identity, CENTRE))
+    unet.conv_in.bias.zero_()
+    # The last resnet sees [deep features (8), conv_in's output (8)]: keep conv_in's pairs, shrink the rest.
+    last_resnet, last_attention = unet.up_blocks[-1].resnets[-1], unet.up_blocks[-1].attentions[-1]
+    deep = last_resnet.conv_shortcut.weight.shape[1] - 2 * LATENT_CHANNELS
+    last_resnet.conv_shortcut.weight[:, :deep] *= UNET_PAIR_SCALE * RANDOM_BLOCKS_SHARE
+    last_resnet.conv_shortcut.weight[:, deep:] = UNET_PAIR_SCALE * torch.eye(2 * LATENT_CHANNELS)[:, :, None, None]
+    last_resnet.conv_shortcut.bias.zero_()
+    for layer in (last_resnet.conv2, last_attention.proj_out):
+        layer.weight *= UNET_PAIR_SCALE * RANDOM_BLOCKS_SHARE
+        layer.bias *= UNET_PAIR_SCALE * RANDOM_BLOCKS_SHARE
+    unet.conv_norm_out.weight.fill_(1.0)
+    unet.conv_norm_out.bias.zero_()
+    gains = DETAIL_GAIN * CENTRE + (SMOOTH_GAIN - DETAIL_GAIN) * BLUR  # blur keeps smooth content, drops detail
+    unet.conv_out.weight.copy_(_unpairs(2 * identity / _linear_norm_gain(unet.conv_norm_out, UNET_PAIR_SCALE), gains))
+    unet.conv_out.bias.zero_()
+    return unet
 
 
+@torch.no_grad()
 def tiny_vae():
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4, block_out_channels=(8, 8, 8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1, sample_size=64,
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS, norm_num_groups=4,
+        block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, sample_size=64,
     )
+    to_rgb = VAE_CONTRAST * torch.tensor(SD15_LATENT_RGB)  # (4, 3): pixels = to_rgb.T @ latent
+    from_rgb = torch.linalg.pinv(to_rgb.T)  # (4, 3): the latent of least norm that decodes to the pixels
+    pair_identity = torch.eye(2 * LATENT_CHANNELS)[:, :, None, None]
+
+    decoder = vae.decoder
+    vae.post_quant_conv.weight.copy_(torch.eye(LATENT_CHANNELS)[:, :, None, None])
+    vae.post_quant_conv.bias.zero_()
+    decoder.conv_in.weight.copy_(_pairs(VAE_PAIR_SCALE * torch.eye(LATENT_CHANNELS), BLUR))
+    decoder.conv_in.bias.zero_()
+    _identity_resnets([*decoder.up_blocks, decoder.mid_block])
+    for block in decoder.up_blocks:
+        for upsampler in block.upsamplers or []:
+            upsampler.conv.weight.copy_(pair_identity * BLUR)
+            upsampler.conv.bias.zero_()
+    decoder.conv_norm_out.weight.fill_(1.0)
+    decoder.conv_norm_out.bias.zero_()
+    decoder.conv_out.weight.copy_(_unpairs(2 * to_rgb.T / _linear_norm_gain(decoder.conv_norm_out, VAE_PAIR_SCALE)))
+    decoder.conv_out.bias.zero_()
+
+    encoder = vae.encoder
+    encoder.conv_in.weight.copy_(_pairs(VAE_PAIR_SCALE * from_rgb, CENTRE))
+    encoder.conv_in.bias.zero_()
+    _identity_resnets([*encoder.down_blocks, encoder.mid_block])
+    box = torch.zeros(3, 3)
+    box[:2, :2] = 0.25  # stride 2, padding on the bottom and right only: the 2x2 block's average
+    for block in encoder.down_blocks:
+        for downsampler in block.downsamplers or []:
+            downsampler.conv.weight.copy_(pair_identity * box)
+            downsampler.conv.bias.zero_()
+    encoder.conv_norm_out.weight.fill_(1.0)
+    encoder.conv_norm_out.bias.zero_()
+    mean = _unpairs(2 * torch.eye(LATENT_CHANNELS) / _linear_norm_gain(encoder.conv_norm_out, VAE_PAIR_SCALE))
+    encoder.conv_out.weight.copy_(torch.cat([mean, torch.zeros_like(mean)]))
+    encoder.conv_out.bias.copy_(torch.cat([torch.zeros(LATENT_CHANNELS), torch.full((LATENT_CHANNELS,), -30.0)]))
+    vae.quant_conv.weight.copy_(torch.eye(2 * LATENT_CHANNELS)[:, :, None, None])  # log-variance -30: no noise
+    vae.quant_conv.bias.zero_()
+    return vae
 
 
 def tiny_text_encoder(vocab_size):

@@ -1,0 +1,261 @@
+"""Speed and memory of train_policy's epoch, measured before downloading anything.
+
+    python benchmark.py --arch tiny --height 64 --width 64 --device cpu --compare --out bench/results/tiny64.json
+    python benchmark.py --arch sd15 --height 512 --width 512 --device cpu --samples 1 --steps 2 --compare
+    python benchmark.py --arch sd15 --height 1080 --width 720 --device cuda --compare
+
+Runs train_policy's own sampling and training functions on random weights: the tiny checkpoint
+(utils/tiny_checkpoint.py) or SD1.5's UNet architecture (860M parameters, random text
+embeddings). Any config.py setting can be given as --name=value, e.g. --train_timesteps_per_call=1.
+Reports seconds per image for sampling and for training, and memory: CUDA max allocated, or on
+CPU the peak resident set (each configuration runs in its own process, so peaks do not mix).
+"Activation" memory is the training phase's peak minus the memory in use just before it.
+--compare runs the same work again with each speed/memory setting flipped (and fp32 on cuda),
+so the ratios come out of one run. Writes JSON to --out (bench/results/ is git-ignored).
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+import config
+from train_policy import image_seeds, sample_epoch, train_epoch
+from utils.ddpo import compute_advantages
+from utils.lora import add_lora
+from utils.reward_model import LatentRewardModel
+
+SD15_UNET = dict(  # SD1.5's unet/config.json; random weights
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+)
+
+
+class Memory:
+    """Bytes in use and the peak since the last reset: CUDA's allocator, or the process's resident set."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.proc = os.path.exists("/proc/self/clear_refs")  # Linux; elsewhere CPU memory is not reported
+
+    def _status(self, field):
+        with open("/proc/self/status") as f:
+            return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
+
+    def now(self):
+        if self.cuda:
+            return torch.cuda.memory_allocated()
+        return self._status("VmRSS") if self.proc else None
+
+    def reset_peak(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        elif self.proc:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current resident set
+
+    def peak(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated()
+        return self._status("VmHWM") if self.proc else None
+
+
+def build_models(arch, settings, device, dtype, scratch):
+    """(unet, scheduler, (positive, negative) embeds) as train_policy has them after loading."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from utils.tiny_checkpoint import build_tiny_checkpoint, sd15_scheduler
+
+    diffusers_logging.set_verbosity_error()  # casting a fresh UNet with .to(dtype) warns, though nothing is lost
+
+    if arch == "tiny":
+        from utils.sampling import encode_prompt, load_pipeline
+
+        pipeline = load_pipeline(build_tiny_checkpoint(os.path.join(scratch, "checkpoint")), device, dtype)
+        embeds = encode_prompt(pipeline, settings.prompt, settings.negative_prompt, device)
+        if settings.train_offload_frozen:
+            pipeline.text_encoder.to("cpu")
+            pipeline.vae.to("cpu")
+        return pipeline.unet, pipeline.scheduler, embeds
+    from diffusers import UNet2DConditionModel
+
+    # Only the UNet: with train_offload_frozen, train_policy's text encoder and VAE are not on the device either.
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD15_UNET).to(device, dtype)
+    embeds = tuple(torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(i)).to(device, dtype)
+                   for i in (0, 1))
+    return unet, sd15_scheduler(), embeds
+
+
+def measure(arch, settings, epochs, precision):
+    """Run `epochs` epochs of sampling + training in this process; returns the figures."""
+    from accelerate import Accelerator
+
+    use_cuda = settings.device.startswith("cuda")
+    if precision == "auto":  # as train_policy: fp16 weights + autocast on cuda, fp32 on cpu
+        precision = "fp16" if use_cuda else "fp32"
+    accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=not use_cuda)
+    device, memory = accelerator.device, Memory(accelerator.device)
+    synchronize = torch.cuda.synchronize if use_cuda else lambda: None  # CUDA runs ahead of the clock
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    with tempfile.TemporaryDirectory() as scratch:
+        unet, scheduler, embeds = build_models(arch, settings, device, dtype, scratch)
+    lora_parameters = add_lora(unet, settings.lora_rank)
+    if settings.train_gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    torch.manual_seed(0)
+    reward_model = LatentRewardModel().to(device).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(lora_parameters, lr=settings.train_policy_learning_rate)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    sampler_unet = accelerator.unwrap_model(unet)
+    if settings.train_compile:
+        unet = torch.compile(unet)
+    samples_per_epoch = settings.train_sample_batch_size * settings.train_sample_num_batches_per_epoch
+    result = {"precision": precision, "unet_parameters": sum(p.numel() for p in sampler_unet.parameters()),
+              "lora_parameters": sum(p.numel() for p in lora_parameters), "memory_after_load": memory.now(),
+              "epochs": []}
+    for epoch in range(1, epochs + 1):
+        memory.reset_peak()
+        started, started_cpu = time.perf_counter(), time.process_time()
+        sampler_unet.eval()
+        samples = sample_epoch(settings, sampler_unet, scheduler, reward_model, embeds,
+                               image_seeds(settings, epoch, samples_per_epoch), 0)
+        synchronize()
+        sampling_seconds, sampling_cpu_seconds = time.perf_counter() - started, time.process_time() - started_cpu
+        sampling_peak = memory.peak()
+        rewards = samples["rewards"]  # one image has no spread to normalise: advantage 0 costs the same work
+        advantages = compute_advantages(rewards, settings.train_adv_clip_max) if len(rewards) > 1 else rewards * 0
+        before_training = memory.now()
+        memory.reset_peak()
+        started, started_cpu = time.perf_counter(), time.process_time()
+        train_epoch(settings, accelerator, unet, optimizer, scheduler, embeds, samples, advantages,
+                    torch.Generator().manual_seed(epoch))
+        synchronize()
+        training_peak = memory.peak()
+        result["epochs"].append({
+            "sampling_seconds": sampling_seconds, "training_seconds": time.perf_counter() - started,
+            "sampling_cpu_seconds": sampling_cpu_seconds, "training_cpu_seconds": time.process_time() - started_cpu,
+            "sampling_peak": sampling_peak, "training_peak": training_peak, "memory_before_training": before_training,
+            "training_activation": None if training_peak is None else training_peak - before_training})
+    return result
+
+
+def summarise(run, samples, steps, trained_steps):
+    """Per-image figures of the run's last epoch (the first one pays for warm-up and compilation).
+
+    Wall-clock seconds are what a user waits; CPU seconds (all threads) are steadier on a shared machine.
+    """
+    last = run["epochs"][-1]
+    figures = {"peak_memory": max(filter(None, (last["sampling_peak"], last["training_peak"])), default=None),
+               "training_activation_memory": last["training_activation"]}
+    for clock in ("", "cpu_"):
+        sampling, training = last[f"sampling_{clock}seconds"] / samples, last[f"training_{clock}seconds"] / samples
+        figures.update({
+            f"sampling_{clock}seconds_per_image": sampling, f"training_{clock}seconds_per_image": training,
+            f"training_over_sampling_{clock}per_image": training / sampling,
+            f"training_over_sampling_{clock}per_image_step": (training / trained_steps) / (sampling / steps)})
+    return figures
+
+
+def variants(settings, trained_steps, use_cuda, precision):
+    """The base run, then one run per speed/memory setting flipped: (name, settings overrides, precision)."""
+    runs = [("default", {}, precision)]
+    for per_call in sorted({1, trained_steps} - {settings.train_timesteps_per_call}):
+        runs.append((f"train_timesteps_per_call={per_call}", {"train_timesteps_per_call": per_call}, precision))
+    checkpointing = not settings.train_gradient_checkpointing
+    runs.append((f"train_gradient_checkpointing={checkpointing}", {"train_gradient_checkpointing": checkpointing},
+                 precision))
+    if use_cuda and precision != "fp32":
+        runs.append(("fp32", {}, "fp32"))
+    return runs
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=["tiny", "sd15"], default="tiny")
+    parser.add_argument("--height", type=int, default=64)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--device", default=config.device)
+    parser.add_argument("--steps", type=int, default=config.num_inference_steps, help="DDIM steps per image")
+    parser.add_argument("--samples", type=int, default=16, help="images per epoch")
+    parser.add_argument("--epochs", type=int, default=1, help="figures are those of the last epoch")
+    parser.add_argument("--compare", action="store_true", help="also run with each speed/memory setting flipped")
+    parser.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+                        help="weights and autocast; auto = as train_policy (fp16 on cuda, fp32 on cpu)")
+    parser.add_argument("--out", help="JSON file to write")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args, overrides = parser.parse_known_args()
+
+    batch = min(config.train_sample_batch_size, args.samples)
+    if args.samples % batch:
+        parser.error(f"--samples {args.samples} must be a multiple of train_sample_batch_size={batch}")
+    settings = config.parse([f"--height={args.height}", f"--width={args.width}", f"--device={args.device}",
+                             f"--num_inference_steps={args.steps}", f"--train_sample_batch_size={batch}",
+                             f"--train_sample_num_batches_per_epoch={args.samples // batch}", *overrides])
+    use_cuda = settings.device.startswith("cuda")
+    if args.child:  # one configuration, in its own process: figures as JSON on the last line of stdout
+        print(json.dumps(measure(args.arch, settings, args.epochs, args.precision)))
+        return
+
+    # glibc keeps freed heap memory resident, so a CPU process's peak would count tensors long gone;
+    # giving every allocation above 128 KiB its own mapping returns it on free (CPU runs ~10% slower).
+    env = {"MALLOC_MMAP_THRESHOLD_": "131072", **os.environ}
+    trained_steps = max(1, int(args.steps * settings.train_timestep_fraction))
+    report = {"arch": args.arch, "height": args.height, "width": args.width, "samples": args.samples,
+              "steps": args.steps, "trained_timesteps_per_image": trained_steps,
+              "machine": {"device": args.device, "gpu": torch.cuda.get_device_name() if use_cuda else None,
+                          "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                          "platform": platform.platform(), "torch": torch.__version__,
+                          "MALLOC_MMAP_THRESHOLD_": env["MALLOC_MMAP_THRESHOLD_"]},
+              "settings": {name: getattr(settings, name) for name in (
+                  "lora_rank", "guidance_scale", "train_policy_batch_size", "train_timestep_fraction",
+                  "train_timesteps_per_call", "train_gradient_checkpointing", "train_compile")},
+              "runs": []}
+    runs = [("default", {}, args.precision)]
+    if args.compare:
+        runs = variants(settings, trained_steps, use_cuda, args.precision)
+    child_args = [f"--{name}={getattr(args, name)}" for name in ("arch", "height", "width", "device", "steps",
+                                                                  "samples", "epochs")] + overrides
+    for name, changed, precision in runs:
+        command = [sys.executable, os.path.abspath(__file__), "--child", *child_args,
+                   *(f"--{k}={v}" for k, v in changed.items()), f"--precision={precision}"]
+        print(f"== {name}", file=sys.stderr, flush=True)
+        output = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True, env=env).stdout
+        run = {"name": name, "changed": changed, **json.loads(output.strip().splitlines()[-1])}
+        run.update(summarise(run, args.samples, args.steps, trained_steps))
+        report["runs"].append(run)
+        print(f"{name}: sampling {run['sampling_seconds_per_image']:.3f} s/image, training "
+              f"{run['training_seconds_per_image']:.3f} s/image ({run['training_over_sampling_per_image']:.2f}x; "
+              f"CPU time {run['training_over_sampling_cpu_per_image']:.2f}x), peak {_gib(run['peak_memory'])}, "
+              f"training activations {_gib(run['training_activation_memory'])}")
+    base = report["runs"][0]
+    for run in report["runs"][1:]:
+        run["vs_default"] = {key: run[key] / base[key] for key in (
+            "sampling_seconds_per_image", "training_seconds_per_image", "sampling_cpu_seconds_per_image",
+            "training_cpu_seconds_per_image", "peak_memory", "training_activation_memory")
+            if run[key] and base[key]}
+        print(f"{run['name']} vs default: " + ", ".join(f"{k} x{v:.2f}" for k, v in run["vs_default"].items()))
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {args.out}")
+
+
+def _gib(value):
+    return "n/a" if value is None else f"{value / 2**30:.2f} GiB"
+
+
+if __name__ == "__main__":
+    main()

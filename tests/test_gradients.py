@@ -1,0 +1,94 @@
+"""The LoRA gets the same gradient however a training step is computed: one timestep per UNet call,
+several, all at once, or with gradient checkpointing. And train_timestep_fraction trains each image
+on exactly int(steps * fraction) distinct timesteps of its own trajectory.
+"""
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from train_policy import training_minibatches
+from utils.ddpo import policy_gradient_backward
+from utils.lora import add_lora
+from utils.sampling import sample_with_logprob
+from utils.tiny_checkpoint import CROSS_ATTENTION_DIM, sd15_scheduler, tiny_unet
+
+STEPS, GUIDANCE, ETA, CLIP_RANGE = 4, 5.0, 1.0, 1e-4
+
+
+@pytest.fixture(scope="module")
+def policy():
+    """(unet with a LoRA, scheduler, embeds, one minibatch of 2 images x all their timesteps, shuffled)."""
+    torch.manual_seed(0)
+    unet = tiny_unet()
+    add_lora(unet, rank=4)
+    with torch.no_grad():  # lora_B starts at zero, which would leave every lora_A without a gradient
+        for name, parameter in unet.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.1)
+    scheduler = sd15_scheduler()
+    embeds = (torch.randn(1, 77, CROSS_ATTENTION_DIM), torch.randn(1, 77, CROSS_ATTENTION_DIM))
+    generators = [torch.Generator().manual_seed(seed) for seed in (1, 2)]
+    samples = sample_with_logprob(unet, scheduler, *embeds, generators, 64, 64, STEPS, GUIDANCE, ETA, progress=False)
+    samples["timesteps"] = samples["timesteps"].expand(2, -1)  # (2, steps), as train_policy's sample_epoch has it
+    settings = SimpleNamespace(train_timestep_fraction=1.0, train_policy_batch_size=2)
+    minibatch = next(training_minibatches(samples, torch.tensor([1.0, -0.5]), settings, torch.Generator().manual_seed(0)))
+    unet.train()
+    return unet, scheduler, embeds, minibatch
+
+
+def lora_gradient(unet, scheduler, embeds, minibatch, timesteps_per_call):
+    unet.zero_grad(set_to_none=True)
+    policy_gradient_backward(unet, scheduler, minibatch, *embeds, GUIDANCE, ETA, CLIP_RANGE, timesteps_per_call)
+    return torch.cat([p.grad.flatten() for p in unet.parameters() if p.requires_grad])
+
+
+def assert_same_gradient(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time(policy):
+    gradient = lora_gradient(*policy, timesteps_per_call=1)
+    lora_a = torch.cat([p.grad.flatten() for n, p in policy[0].named_parameters() if "lora_A" in n])
+    assert lora_a.abs().max() > 0, "the test needs a gradient on every LoRA matrix"
+    return gradient
+
+
+@pytest.mark.parametrize("timesteps_per_call", [2, 3, STEPS])  # 3: calls of 3 and 1 timesteps
+def test_timesteps_per_call_gives_the_same_gradient(policy, one_at_a_time, timesteps_per_call):
+    assert_same_gradient(lora_gradient(*policy, timesteps_per_call=timesteps_per_call), one_at_a_time)
+
+
+@pytest.mark.parametrize("timesteps_per_call", [1, STEPS])
+def test_gradient_checkpointing_gives_the_same_gradient(policy, one_at_a_time, timesteps_per_call, monkeypatch):
+    checkpoint, recomputed = torch.utils.checkpoint.checkpoint, []
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: recomputed.append(1) or checkpoint(*a, **k))
+    unet, *rest = policy
+    checkpointed = copy.deepcopy(unet)
+    checkpointed.enable_gradient_checkpointing()
+    assert_same_gradient(lora_gradient(checkpointed, *rest, timesteps_per_call=timesteps_per_call), one_at_a_time)
+    assert recomputed, "diffusers did not checkpoint any block"
+
+
+def test_timestep_fraction_trains_on_that_many_distinct_timesteps_of_each_image():
+    n, steps, fraction = 3, 20, 0.3
+    latents = torch.arange(n * (steps + 1), dtype=torch.float32).view(n, steps + 1, 1, 1, 1).expand(-1, -1, 4, 2, 2)
+    samples = {"latents": latents, "log_probs": latents[:, 1:, 0, 0, 0] * 10,  # (n, steps), traceable values
+               "timesteps": torch.arange(steps, 0, -1).expand(n, -1) * 50}
+    settings = SimpleNamespace(train_timestep_fraction=fraction, train_policy_batch_size=1)
+    minibatches = list(training_minibatches(samples, torch.zeros(n), settings, torch.Generator().manual_seed(0)))
+    assert len(minibatches) == n
+    seen = set()
+    for minibatch in minibatches:
+        x_t = minibatch["latents"][0, :, 0, 0, 0]  # (k,): the values identify image and step
+        image, step = x_t.long() // (steps + 1), x_t.long() % (steps + 1)
+        assert len(x_t) == int(steps * fraction) and len(set(step.tolist())) == len(x_t)
+        assert (image == image[0]).all() and not (step == steps).any()  # its own trajectory; x_0 never as x_t
+        torch.testing.assert_close(minibatch["next_latents"][0, :, 0, 0, 0], x_t + 1)  # the step the sampler took
+        torch.testing.assert_close(minibatch["log_probs"][0], (x_t + 1) * 10)
+        torch.testing.assert_close(minibatch["timesteps"][0], (steps - step) * 50)
+        seen.add(image[0].item())
+    assert seen == set(range(n))

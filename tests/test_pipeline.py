@@ -1,0 +1,270 @@
+"""The whole loop, each stage a subprocess on the tiny checkpoint, chained only through real files:
+generate -> a scripted rater -> train_reward -> train_policy -> generate with the LoRA -> train_policy resumed.
+
+The fixtures are the chain's links (module-scoped, each built on the one before), so any one test can
+also run alone.
+"""
+
+import json
+import os
+import re
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import assert_ok, run_script, snapshot
+from utils.metrics import pearson
+from utils.reward_model import load_reward_model
+from utils.samples import load_latent
+from utils.sampling import load_pipeline
+
+PROMPT, NEGATIVE = "a red fox", "blurry, jpeg"
+GUIDANCE, ETA, STEPS = 5.0, 1.0, 2  # STEPS is conftest's TINY_SETTINGS num_inference_steps
+FP16_ATOL = 2e-3  # latents are saved in fp16: |x| < 4 rounds by at most 0.001
+FIRST_ROUND = 6
+RATED_ROUND = 480  # a reward CNN needs a few hundred ratings to learn the rule; 2-step images are cheap
+REWARD_EPOCHS = 20
+# a learning rate far above a real run's, so that 2 epochs of 2 steps move the images measurably
+POLICY = ["--train_save_freq=1", "--train_sample_batch_size=2", "--train_sample_num_batches_per_epoch=2",
+          "--train_policy_batch_size=2", "--train_policy_learning_rate=1e-1", "--train_preview_seeds=0,1"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_checkpoint):
+    folder = tmp_path_factory.mktemp("pipeline")
+
+    def run(name, *args):
+        return assert_ok(run_script(name, f"--prompt={PROMPT}", f"--negative_prompt={NEGATIVE}",
+                                    f"--guidance_scale={GUIDANCE}", f"--eta={ETA}", *args,
+                                    cwd=folder, checkpoint=tiny_checkpoint))
+
+    return folder, run
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_checkpoint):
+    return load_pipeline(tiny_checkpoint, "cpu", torch.float32)
+
+
+def pipeline_latents(pipeline, seeds):
+    """What StableDiffusionPipeline makes for these seeds with the chain's settings: (n, 4, 8, 8)."""
+    with torch.no_grad():
+        return pipeline(PROMPT, negative_prompt=NEGATIVE, height=64, width=64, num_inference_steps=STEPS,
+                        guidance_scale=GUIDANCE, eta=ETA, num_images_per_prompt=len(seeds),
+                        generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="latent").images
+
+
+def pngs(folder):
+    return sorted(p for p in os.listdir(folder) if p.endswith(".png"))
+
+
+def seed_of(name):
+    return int(name.removesuffix(".png"))
+
+
+def saved_latents(samples, names):
+    return torch.stack([load_latent(os.path.join(samples, "latents", n.removesuffix(".png") + ".safetensors"))
+                        for n in names])
+
+
+def parse_parameters(text):
+    """A WebUI `parameters` chunk -> (prompt line, negative prompt, {key: value} of the last line)."""
+    lines = text.split("\n")
+    assert len(lines) == 3, text
+    assert lines[1].startswith("Negative prompt: "), text
+    settings = dict(item.split(": ", 1) for item in lines[2].split(", "))
+    return lines[0], lines[1].removeprefix("Negative prompt: "), settings
+
+
+# ---------------------------------------------------------------- generate
+
+
+@pytest.fixture(scope="module")
+def first_round(workspace):
+    folder, run = workspace
+    result = run("generate", f"--generate_sample_size={FIRST_ROUND}", "--generate_batch_size=4")
+    return folder / "samples", result
+
+
+def test_generate_writes_pngs_latents_and_webui_parameters(first_round, pipeline, tiny_checkpoint):
+    samples, result = first_round
+    assert "LoRA: none" in result.stdout
+    names = pngs(samples)
+    assert len(names) == FIRST_ROUND
+    with open(samples / "round.json") as f:
+        assert sorted(f"{s}.png" for s in json.load(f)["seeds"]) == names
+    for name in names:
+        with Image.open(samples / name) as image:
+            assert image.size == (64, 64) and image.mode == "RGB"
+            prompt, negative, settings = parse_parameters(image.info["parameters"])
+        assert prompt == PROMPT and negative == NEGATIVE
+        assert settings["Steps"] == str(STEPS)
+        assert settings["Sampler"] == "DDIM"
+        assert float(settings["CFG scale"]) == GUIDANCE
+        assert settings["Seed"] == str(seed_of(name))
+        assert settings["Size"] == "64x64"
+        assert settings["Model"] == os.path.basename(tiny_checkpoint)
+    # each saved latent is the one the pipeline makes from the seed in the file name
+    latents = saved_latents(samples, names)
+    assert latents.shape == (FIRST_ROUND, 4, 8, 8)
+    expected = pipeline_latents(pipeline, [seed_of(n) for n in names])
+    torch.testing.assert_close(latents, expected, atol=FP16_ATOL, rtol=1e-3)  # stored in fp16
+    assert len({tuple(x.flatten()[:4].tolist()) for x in latents}) == FIRST_ROUND
+
+
+def test_generate_run_again_makes_only_the_missing_images(first_round, workspace):
+    samples, _ = first_round
+    folder, run = workspace
+    names = pngs(samples)
+    for name in names[:2]:
+        os.remove(samples / name)
+    kept = {k: v for k, v in snapshot(samples).items() if k.endswith(".png")}
+    result = run("generate", f"--generate_sample_size={FIRST_ROUND}", "--generate_batch_size=4")
+    assert f"{FIRST_ROUND - 2} of {FIRST_ROUND} images already made, generating 2" in result.stdout
+    assert pngs(samples) == names
+    after = snapshot(samples)
+    assert {k: after[k] for k in kept} == kept  # untouched, not rewritten
+    assert not (samples / "history").exists()
+
+
+# ---------------------------------------------------------------- rate and learn the rating
+
+
+@pytest.fixture(scope="module")
+def rated_round(first_round, workspace, scripted_rater):
+    """The round, grown to RATED_ROUND images (same settings: generate resumes it), rated by a rule."""
+    samples, _ = first_round
+    folder, run = workspace
+    result = run("generate", f"--generate_sample_size={RATED_ROUND}", "--generate_batch_size=32")
+    assert f"generating {RATED_ROUND - FIRST_ROUND}" in result.stdout
+    # The random tiny checkpoint's images hardly differ in brightness, so the rule reads the latent
+    # that made each image; its scores are written in exactly the rating page's format.
+    scores = scripted_rater.rate_by_latent_channel(str(samples), channel=0)
+    assert len(scores) == RATED_ROUND and set(scores.values()) <= set(range(-5, 6))
+    with open(samples / "scores.json") as f:
+        assert json.load(f) == scores
+    return samples, scores
+
+
+@pytest.fixture(scope="module")
+def reward_model(rated_round, workspace):
+    folder, run = workspace
+    result = run("train_reward", f"--train_reward_num_epochs={REWARD_EPOCHS}", "--train_reward_batch_size=16",
+                 "--train_reward_test_split_ratio=0.25")
+    return folder / "models" / "reward_model.safetensors", result
+
+
+def test_train_reward_learns_the_rule_the_rater_applied(reward_model, rated_round):
+    path, result = reward_model
+    samples, scores = rated_round
+    variance = torch.tensor([float(s) for s in scores.values()]).var(unbiased=False).item()
+    match = re.search(r"(\d+) ratings \(mean [-\d.]+, variance ([\d.]+)\): (\d+) to train on, (\d+) held out",
+                      result.stdout)
+    assert match, result.stdout
+    assert int(match.group(1)) == RATED_ROUND and int(match.group(4)) == RATED_ROUND // 4
+    assert float(match.group(2)) == pytest.approx(variance, abs=0.01)
+    with safe_open(str(path), "pt") as f:
+        metadata = json.loads(f.metadata()["almostperfect"])
+    # held-out ratings, so this is learning, not memorising
+    assert metadata["test_loss"] < 0.5 * variance, result.stdout
+    with open(path.parent / "reward_metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["epoch"] for r in records] == list(range(1, REWARD_EPOCHS + 1))
+    assert min(r["test_loss"] for r in records) == pytest.approx(metadata["test_loss"])
+    assert (path.parent / "reward_metrics.png").is_file()
+    # the saved file, loaded as train_policy loads it, ranks the round's images by the rule
+    names = list(scores)
+    predicted = load_reward_model(str(path))(saved_latents(samples, names))
+    assert pearson(predicted, torch.tensor([float(scores[n]) for n in names])) > 0.8
+
+
+# ---------------------------------------------------------------- the policy
+
+
+@pytest.fixture(scope="module")
+def policy(reward_model, workspace):
+    folder, run = workspace
+    result = run("train_policy", "--train_policy_num_epochs=2", *POLICY)
+    return folder / "outputs", result
+
+
+def test_train_policy_writes_both_loras_optimizer_state_and_metrics_each_save(policy):
+    outputs, result = policy
+    assert re.search(r"epoch 1: reward -?[\d.]+ ± [\d.]+", result.stdout), result.stdout
+    assert re.search(r"epoch 2: reward -?[\d.]+ ± [\d.]+", result.stdout), result.stdout
+    for epoch in (1, 2):
+        for name in (f"diffusers_lora_epoch_{epoch}.safetensors", f"ui_lora_epoch_{epoch}.safetensors",
+                     f"optimizer_epoch_{epoch}.pt", f"preview_epoch_{epoch}.png"):
+            assert (outputs / name).is_file(), name
+        assert len(load_file(outputs / f"ui_lora_epoch_{epoch}.safetensors")) == 384
+        optimizer = torch.load(outputs / f"optimizer_epoch_{epoch}.pt", weights_only=True)
+        assert len(optimizer["state"]) == 2 * 128  # lora_A and lora_B of each layer, all with Adam moments
+    with Image.open(outputs / "preview_epoch_2.png") as preview:
+        assert preview.format == "PNG" and preview.width >= 2 * 64  # the two preview seeds side by side
+    first, second = (load_file(outputs / f"diffusers_lora_epoch_{e}.safetensors") for e in (1, 2))
+    assert first.keys() == second.keys() and all(k.startswith("unet.") for k in first)
+    ups = [k for k in first if "lora_B" in k or "lora.up" in k]
+    assert ups and any(first[k].abs().max() > 0 for k in ups)  # trained away from peft's zero lora_B
+    assert any(not torch.equal(first[k], second[k]) for k in first)  # epoch 2 trained on
+    with open(outputs / "policy_metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert all({"reward_mean", "reward_std", "loss", "clipfrac", "approx_kl"} <= r.keys() for r in records)
+    assert (outputs / "policy_metrics.png").is_file()
+
+
+def test_generate_with_the_lora_starts_a_new_round_and_makes_other_images(policy, rated_round, workspace, pipeline):
+    outputs, _ = policy
+    samples, _ = rated_round
+    folder, run = workspace
+    rated = snapshot(samples)
+    result = run("generate", "--generate_sample_size=3")
+    lora = outputs / "diffusers_lora_epoch_2.safetensors"
+    assert f"LoRA: {lora}" in result.stdout
+    assert "moved the earlier round to" in result.stdout
+    # the rated round moved whole, ratings included, nothing rewritten or lost
+    assert snapshot(samples / "history" / "round_001") == rated
+    names = pngs(samples)
+    assert set(os.listdir(samples)) == {"history", "latents", "round.json", *names}
+    assert len(names) == 3
+    with Image.open(samples / names[0]) as image:
+        prompt, _, _ = parse_parameters(image.info["parameters"])
+    assert prompt == f"{PROMPT} <lora:ui_lora_epoch_2:1>"
+    # the same seeds without the LoRA make other latents; with it loaded, these
+    seeds = [seed_of(n) for n in names]
+    latents = saved_latents(samples, names)
+    base = pipeline_latents(pipeline, seeds)
+    assert (latents - base).abs().amax(dim=(1, 2, 3)).min() > 10 * FP16_ATOL, "the LoRA must change every image"
+    pipeline.load_lora_weights(str(lora))
+    try:
+        torch.testing.assert_close(latents, pipeline_latents(pipeline, seeds), atol=FP16_ATOL, rtol=1e-3)
+    finally:
+        pipeline.unload_lora_weights()
+
+
+def test_train_policy_run_again_resumes_at_the_next_epoch_and_keeps_earlier_files(policy, workspace):
+    outputs, _ = policy
+    folder, run = workspace
+    before = snapshot(outputs)
+    # learning rate 0: epoch 3 then ends exactly where it started, which shows where that was
+    result = run("train_policy", "--train_policy_num_epochs=3", *POLICY, "--train_policy_learning_rate=0")
+    assert f"resuming from {outputs / 'diffusers_lora_epoch_2.safetensors'}: epoch 3 of 3" in result.stdout
+    assert "epoch 3: reward" in result.stdout
+    assert "epoch 1: reward" not in result.stdout and "epoch 2: reward" not in result.stdout
+    after = snapshot(outputs)
+    for name, state in before.items():
+        if "epoch_" in name:
+            assert after[name] == state, f"{name} changed"
+    for name in ("diffusers_lora_epoch_3.safetensors", "ui_lora_epoch_3.safetensors", "optimizer_epoch_3.pt"):
+        assert name in after
+    with open(outputs / "policy_metrics.jsonl") as f:
+        assert [json.loads(line)["epoch"] for line in f] == [1, 2, 3]
+    # epoch 3 started from epoch 2's LoRA and optimizer state (2 steps an epoch), not from fresh ones
+    second, third = (load_file(outputs / f"diffusers_lora_epoch_{e}.safetensors") for e in (2, 3))
+    assert second.keys() == third.keys() and all(torch.equal(second[k], third[k]) for k in second)
+    steps = {e: torch.load(outputs / f"optimizer_epoch_{e}.pt", weights_only=True)["state"][0]["step"].item()
+             for e in (1, 2, 3)}
+    assert steps == {1: 2, 2: 4, 3: 6}
