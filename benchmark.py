@@ -1,12 +1,12 @@
 """Speed and memory of train_policy's epoch, measured before downloading anything.
 
     python benchmark.py --arch tiny --height 64 --width 64 --device cpu --compare --out bench/results/tiny64.json
-    python benchmark.py --arch sd15 --height 512 --width 512 --device cpu --samples 1 --steps 2 --compare
+    python benchmark.py --arch sd15 --height 512 --width 512 --device cpu --samples 1 --steps 1 --compare
     python benchmark.py --arch sd15 --height 1080 --width 720 --device cuda --compare
 
 Runs train_policy's own sampling and training functions on random weights: the tiny checkpoint
 (utils/tiny_checkpoint.py) or SD1.5's UNet architecture (860M parameters, random text
-embeddings). Any config.py setting can be given as --name=value, e.g. --train_timesteps_per_call=1.
+embeddings). Any config.py setting can be given as --name=value, e.g. --train_timesteps_per_call=20.
 Reports seconds per image for sampling and for training, and memory: CUDA max allocated, or on
 CPU the peak resident set (each configuration runs in its own process, so peaks do not mix).
 "Activation" memory is the training phase's peak minus the memory in use just before it.
@@ -200,9 +200,12 @@ def main():
     batch = min(config.train_sample_batch_size, args.samples)
     if args.samples % batch:
         parser.error(f"--samples {args.samples} must be a multiple of train_sample_batch_size={batch}")
-    settings = config.parse([f"--height={args.height}", f"--width={args.width}", f"--device={args.device}",
-                             f"--num_inference_steps={args.steps}", f"--train_sample_batch_size={batch}",
-                             f"--train_sample_num_batches_per_epoch={args.samples // batch}", *overrides])
+    try:
+        settings = config.parse([f"--height={args.height}", f"--width={args.width}", f"--device={args.device}",
+                                 f"--num_inference_steps={args.steps}", f"--train_sample_batch_size={batch}",
+                                 f"--train_sample_num_batches_per_epoch={args.samples // batch}", *overrides])
+    except config.SettingsError as error:
+        parser.error(str(error))
     use_cuda = settings.device.startswith("cuda")
     if args.child:  # one configuration, in its own process: figures as JSON on the last line of stdout
         print(json.dumps(measure(args.arch, settings, args.epochs, args.precision)))
@@ -231,8 +234,12 @@ def main():
         command = [sys.executable, os.path.abspath(__file__), "--child", *child_args,
                    *(f"--{k}={v}" for k, v in changed.items()), f"--precision={precision}"]
         print(f"== {name}", file=sys.stderr, flush=True)
-        output = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True, env=env).stdout
-        run = {"name": name, "changed": changed, **json.loads(output.strip().splitlines()[-1])}
+        child = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
+        if child.returncode:  # e.g. out of memory: a result too, and the other runs still go
+            report["runs"].append({"name": name, "changed": changed, "failed": child.returncode})
+            print(f"{name}: failed with exit code {child.returncode} (out of memory? see above)")
+            continue
+        run = {"name": name, "changed": changed, **json.loads(child.stdout.strip().splitlines()[-1])}
         run.update(summarise(run, args.samples, args.steps, trained_steps))
         report["runs"].append(run)
         print(f"{name}: sampling {run['sampling_seconds_per_image']:.3f} s/image, training "
@@ -241,6 +248,8 @@ def main():
               f"training activations {_gib(run['training_activation_memory'])}")
     base = report["runs"][0]
     for run in report["runs"][1:]:
+        if "failed" in run or "failed" in base:
+            continue
         run["vs_default"] = {key: run[key] / base[key] for key in (
             "sampling_seconds_per_image", "training_seconds_per_image", "sampling_cpu_seconds_per_image",
             "training_cpu_seconds_per_image", "peak_memory", "training_activation_memory")

@@ -34,7 +34,7 @@ from utils.scripted_rater import brightness_values, calibration_of, scores_from_
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MARKER = ".almostperfect_demo"  # a folder holding this is the demo's own, safe to clear on a rerun
 ROUNDS = 2
-POLICY_EPOCHS_PER_ROUND = 6
+POLICY_EPOCHS_PER_ROUND = 5
 REQUIRED_RISE = 0.5  # in standard deviations of the first round's scores
 # The tiny model's own settings; config.py's defaults stay the seed's (made for SD1.5 on a GPU).
 DEMO_SETTINGS = {

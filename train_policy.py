@@ -151,6 +151,7 @@ def main(settings):
     if settings.train_offload_frozen:
         pipeline.text_encoder.to("cpu")  # not needed again; the VAE only visits the GPU for previews
         pipeline.vae.to("cpu")
+    pipeline.vae.enable_slicing()  # previews decode one image at a time: the same images in a fraction of the memory
     reward_model = load_reward_model(settings.reward_model_path, device)
     optimizer = torch.optim.AdamW(lora_parameters, lr=settings.train_policy_learning_rate)
 

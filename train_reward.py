@@ -222,7 +222,7 @@ def main(settings):
     plot_curves(plot_path, [r for r in read_jsonl(metrics_path) if r["run"] == run_started], "epoch",
                 [("MSE loss", ["train_loss", "test_loss"]),
                  ("test set", ["test_pearson", "test_spearman", "test_pairwise_accuracy"])],
-                f"reward model, {len(scores)} ratings")
+                f"reward model, {len(scores)} ratings; saved epoch {best['epoch']} (best test loss)")
     print(f"saved epoch {best['epoch']} (best test loss) to {settings.reward_model_path}; curves in {plot_path}")
     correlation = best.get("test_pearson")
     if correlation is not None and correlation < settings.train_reward_min_correlation:
