@@ -27,7 +27,7 @@ def policy_gradient_backward(unet, scheduler, minibatch, positive_embeds, negati
     is entered for all calls but the last (multi-GPU: gradients are all-reduced once).
     Returns the mean loss, share of clipped ratios and approximate KL to the sampling policy.
     """
-    b, k = minibatch["log_probs"].shape
+    k = minibatch["log_probs"].shape[1]
     stats = {"loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0}
     for start in range(0, k, timesteps_per_call):
         c = min(timesteps_per_call, k - start)
