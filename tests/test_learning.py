@@ -18,7 +18,9 @@ from utils.scripted_rater import calibration_of, scores_from_values
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("demo") / "demo"
-    return folder, demo.run_demo(str(folder), extra_args=["--device=cpu"])
+    with pytest.MonkeyPatch.context() as patch:  # one thread per stage process, as conftest.run_script gives
+        patch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+        return folder, demo.run_demo(str(folder), extra_args=["--device=cpu"])
 
 
 @pytest.mark.slow
