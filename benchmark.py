@@ -27,7 +27,7 @@ import time
 import torch
 
 import config
-from train_policy import image_seeds, sample_epoch, train_epoch
+from train_policy import fit_timesteps_per_call, image_seeds, sample_epoch, train_epoch, training_minibatches
 from utils.ddpo import compute_advantages
 from utils.lora import add_lora
 from utils.reward_model import LatentRewardModel
@@ -98,7 +98,7 @@ def build_models(arch, settings, device, dtype, scratch):
     return unet, sd15_scheduler(), embeds
 
 
-def measure(arch, settings, epochs, precision):
+def measure(arch, settings, epochs, precision, memory_limit_gib=None):
     """Run `epochs` epochs of sampling + training in this process; returns the figures."""
     from accelerate import Accelerator
 
@@ -107,6 +107,9 @@ def measure(arch, settings, epochs, precision):
         precision = "fp16" if use_cuda else "fp32"
     accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=not use_cuda)
     device, memory = accelerator.device, Memory(accelerator.device)
+    if use_cuda and memory_limit_gib:  # behave as a smaller GPU: allocations past the limit raise out-of-memory
+        torch.cuda.set_per_process_memory_fraction(
+            min(1.0, memory_limit_gib * 2**30 / torch.cuda.get_device_properties(device).total_memory), device)
     synchronize = torch.cuda.synchronize if use_cuda else lambda: None  # CUDA runs ahead of the clock
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     with tempfile.TemporaryDirectory() as scratch:
@@ -134,13 +137,17 @@ def measure(arch, settings, epochs, precision):
         synchronize()
         sampling_seconds, sampling_cpu_seconds = time.perf_counter() - started, time.process_time() - started_cpu
         sampling_peak = memory.peak()
-        rewards = samples["rewards"]  # one image has no spread to normalise: advantage 0 costs the same work
-        advantages = compute_advantages(rewards, settings.train_adv_clip_max) if len(rewards) > 1 else rewards * 0
+        rewards = samples["rewards"]
+        advantages = compute_advantages(rewards, settings.train_adv_clip_max)
+        if epoch == 1:  # as train_policy: auto (0) is resolved once, on the first epoch's samples
+            probe = next(training_minibatches(samples, advantages, settings, torch.Generator().manual_seed(0)))
+            result["timesteps_per_call"] = fit_timesteps_per_call(settings, accelerator, unet, optimizer, scheduler,
+                                                                  embeds, probe)
         before_training = memory.now()
         memory.reset_peak()
         started, started_cpu = time.perf_counter(), time.process_time()
         train_epoch(settings, accelerator, unet, optimizer, scheduler, embeds, samples, advantages,
-                    torch.Generator().manual_seed(epoch))
+                    torch.Generator().manual_seed(epoch), result["timesteps_per_call"])
         synchronize()
         training_peak = memory.peak()
         result["epochs"].append({
@@ -193,6 +200,8 @@ def main():
     parser.add_argument("--compare", action="store_true", help="also run with each speed/memory setting flipped")
     parser.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
                         help="weights and autocast; auto = as train_policy (fp16 on cuda, fp32 on cpu)")
+    parser.add_argument("--memory_limit_gib", type=float,
+                        help="cuda: act as a GPU with this much memory (e.g. 8), so auto settings choose as they would there")
     parser.add_argument("--out", help="JSON file to write")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args()
@@ -208,7 +217,7 @@ def main():
         parser.error(str(error))
     use_cuda = settings.device.startswith("cuda")
     if args.child:  # one configuration, in its own process: figures as JSON on the last line of stdout
-        print(json.dumps(measure(args.arch, settings, args.epochs, args.precision)))
+        print(json.dumps(measure(args.arch, settings, args.epochs, args.precision, args.memory_limit_gib)))
         return
 
     # glibc keeps freed heap memory resident, so a CPU process's peak would count tensors long gone;
@@ -220,7 +229,8 @@ def main():
               "machine": {"device": args.device, "gpu": torch.cuda.get_device_name() if use_cuda else None,
                           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                           "platform": platform.platform(), "torch": torch.__version__,
-                          "MALLOC_MMAP_THRESHOLD_": env["MALLOC_MMAP_THRESHOLD_"]},
+                          "MALLOC_MMAP_THRESHOLD_": env["MALLOC_MMAP_THRESHOLD_"],
+                          "memory_limit_gib": args.memory_limit_gib},
               "settings": {name: getattr(settings, name) for name in (
                   "lora_rank", "guidance_scale", "train_policy_batch_size", "train_timestep_fraction",
                   "train_timesteps_per_call", "train_gradient_checkpointing", "train_compile")},
@@ -229,7 +239,8 @@ def main():
     if args.compare:
         runs = variants(settings, trained_steps, use_cuda, args.precision)
     child_args = [f"--{name}={getattr(args, name)}" for name in ("arch", "height", "width", "device", "steps",
-                                                                  "samples", "epochs")] + overrides
+                                                                  "samples", "epochs", "memory_limit_gib")
+                  if getattr(args, name) is not None] + overrides
     for name, changed, precision in runs:
         command = [sys.executable, os.path.abspath(__file__), "--child", *child_args,
                    *(f"--{k}={v}" for k, v in changed.items()), f"--precision={precision}"]
@@ -242,7 +253,8 @@ def main():
         run = {"name": name, "changed": changed, **json.loads(child.stdout.strip().splitlines()[-1])}
         run.update(summarise(run, args.samples, args.steps, trained_steps))
         report["runs"].append(run)
-        print(f"{name}: sampling {run['sampling_seconds_per_image']:.3f} s/image, training "
+        print(f"{name} ({run['timesteps_per_call']} timesteps per call): sampling "
+              f"{run['sampling_seconds_per_image']:.3f} s/image, training "
               f"{run['training_seconds_per_image']:.3f} s/image ({run['training_over_sampling_per_image']:.2f}x; "
               f"CPU time {run['training_over_sampling_cpu_per_image']:.2f}x), peak {_gib(run['peak_memory'])}, "
               f"training activations {_gib(run['training_activation_memory'])}")

@@ -16,11 +16,12 @@ import random
 
 import torch
 from accelerate import PartialState
+from diffusers.utils import logging as diffusers_logging
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from utils.cli import UserError, run_stage
-from utils.files import write_json_atomic
+from utils.files import publish, write_json_atomic
 from utils.lora import latest_lora
 from utils.samples import ROUND_FILE, archive_round, latent_file, round_images, save_latent, webui_parameters
 from utils.sampling import decode_latents, load_pipeline
@@ -82,7 +83,7 @@ def save_image(folder, seed, image, latent, parameters_text):
     info.add_text("parameters", parameters_text)
     path = os.path.join(folder, f"{seed}.png")
     image.save(path + ".tmp", format="PNG", pnginfo=info)
-    os.replace(path + ".tmp", path)
+    publish(path + ".tmp", path)
 
 
 def main(settings):
@@ -92,7 +93,10 @@ def main(settings):
     pipeline = load_pipeline(settings.checkpoint_path, state.device, dtype)
     lora_name = None
     if lora:
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # our LoRAs hold UNet keys only: no "No LoRA keys ... CLIPTextModel"
         pipeline.load_lora_weights(lora)
+        diffusers_logging.set_verbosity(verbosity)
         lora_name = os.path.basename(lora).removesuffix(".safetensors").replace("diffusers_lora", "ui_lora")
     if state.is_main_process:
         print(f"LoRA: {lora}" if lora else "LoRA: none (base model)")

@@ -20,7 +20,8 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from utils.cli import UserError, run_stage
-from utils.ddpo import compute_advantages, policy_gradient_backward
+from utils.ddpo import compute_advantages, largest_that_fits, policy_gradient_backward
+from utils.files import publish
 from utils.lora import add_lora, latest_lora, load_lora_into_unet, save_lora
 from utils.metrics import append_jsonl, contact_sheet, plot_curves, read_jsonl
 from utils.reward_model import load_reward_model
@@ -84,7 +85,40 @@ def training_minibatches(samples, advantages, settings, generator):
         yield {key: value[index] for key, value in chosen.items()}
 
 
-def train_epoch(settings, accelerator, unet, optimizer, scheduler, embeds, samples, advantages, generator):
+def fit_timesteps_per_call(settings, accelerator, unet, optimizer, scheduler, embeds, minibatch):
+    """train_timesteps_per_call, or for 0 (auto) the most timesteps per UNet call that fit in memory.
+
+    On CUDA, a real forward and backward of `minibatch` with all its timesteps in one call, halving
+    on out-of-memory; the gradient is thrown away. Every process then takes the smallest count any
+    of them found, so all make the same calls. On CPU, where running out of memory is not an error
+    but swapping, all timesteps go in one call (set the number by hand for SD1.5 on a CPU).
+    """
+    if settings.train_timesteps_per_call:
+        return settings.train_timesteps_per_call
+    most = minibatch["log_probs"].shape[1]  # (b, k): the k trained timesteps of each image
+    if accelerator.device.type != "cuda":
+        return most
+
+    def attempt(per_call):
+        unet.train()
+        try:
+            with accelerator.no_sync(unet):
+                policy_gradient_backward(unet, scheduler, minibatch, *embeds, settings.guidance_scale, settings.eta,
+                                         settings.train_clip_range, per_call, backward=accelerator.backward)
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+
+    try:
+        per_call = largest_that_fits(attempt, most)
+    except torch.OutOfMemoryError:
+        raise UserError(f"training does not fit in GPU memory even one timestep at a time at {settings.height}x"
+                        f"{settings.width}: lower height/width, or keep train_gradient_checkpointing=True and "
+                        f"train_policy_batch_size=1.") from None
+    return int(accelerator.gather(torch.tensor([per_call], device=accelerator.device)).min())
+
+
+def train_epoch(settings, accelerator, unet, optimizer, scheduler, embeds, samples, advantages, generator,
+                timesteps_per_call):
     """One PPO pass over this process's samples, an optimizer step per minibatch; returns the mean stats."""
     unet.train()
     totals = {"loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0}
@@ -92,7 +126,7 @@ def train_epoch(settings, accelerator, unet, optimizer, scheduler, embeds, sampl
     for minibatch in tqdm(minibatches, desc="training", leave=False, disable=not accelerator.is_main_process):
         stats = policy_gradient_backward(
             unet, scheduler, minibatch, *embeds, settings.guidance_scale, settings.eta, settings.train_clip_range,
-            settings.train_timesteps_per_call, backward=accelerator.backward, no_sync=lambda: accelerator.no_sync(unet))
+            timesteps_per_call, backward=accelerator.backward, no_sync=lambda: accelerator.no_sync(unet))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         for key in totals:
@@ -177,9 +211,10 @@ def main(settings):
         f"{settings.train_sample_batch_size}) on {accelerator.num_processes} process(es), "
         f"{per_process // settings.train_policy_batch_size} optimizer steps of {settings.train_policy_batch_size} "
         f"image(s) each per process, {max(1, int(settings.num_inference_steps * settings.train_timestep_fraction))} "
-        f"timesteps per image, {settings.train_timesteps_per_call} per UNet call")
+        f"timesteps per image, {settings.train_timesteps_per_call or 'as many as fit'} per UNet call")
     metrics_path = os.path.join(settings.lora_path, "policy_metrics.jsonl")
     run_started = time.strftime("%Y-%m-%d %H:%M:%S")  # in each metrics record: the plot marks where a run resumed
+    timesteps_per_call = None  # found on the first epoch's samples
 
     for epoch in range(first_epoch, settings.train_policy_num_epochs + 1):
         # ---------------------------------------------------------------- SAMPLING
@@ -196,8 +231,15 @@ def main(settings):
 
         # ---------------------------------------------------------------- TRAINING
         started = time.perf_counter()
+        if timesteps_per_call is None:
+            probe = next(training_minibatches(samples, advantages, settings, torch.Generator().manual_seed(0)))
+            timesteps_per_call = fit_timesteps_per_call(settings, accelerator, unet, optimizer, pipeline.scheduler,
+                                                        embeds, probe)
+            if not settings.train_timesteps_per_call:
+                say(f"train_timesteps_per_call=0 (auto): {timesteps_per_call} timesteps per UNet call")
         totals = train_epoch(settings, accelerator, unet, optimizer, pipeline.scheduler, embeds, samples, advantages,
-                             torch.Generator().manual_seed(settings.seed * 7919 + epoch * 31 + rank))
+                             torch.Generator().manual_seed(settings.seed * 7919 + epoch * 31 + rank),
+                             timesteps_per_call)
         # Each process trained on its share of the images: log the mean over all of them.
         totals = {key: accelerator.reduce(torch.tensor(value, device=device), "mean").item()
                   for key, value in totals.items()}
@@ -205,7 +247,7 @@ def main(settings):
 
         # ---------------------------------------------------------------- LOG and SAVE
         record = {"run": run_started, "epoch": epoch, "reward_mean": all_rewards.mean().item(),
-                  "reward_std": all_rewards.std().item(), **totals,
+                  "reward_std": all_rewards.std(correction=0).item(), **totals,
                   "sampling_seconds": sampling_seconds, "training_seconds": training_seconds}
         if accelerator.is_main_process:
             append_jsonl(metrics_path, record)
@@ -222,7 +264,7 @@ def main(settings):
                 paths = save_lora(sampler_unet, settings.lora_path, epoch)
                 optimizer_path = os.path.join(settings.lora_path, f"optimizer_epoch_{epoch}.pt")
                 torch.save(optimizer.state_dict(), optimizer_path + ".tmp")
-                os.replace(optimizer_path + ".tmp", optimizer_path)
+                publish(optimizer_path + ".tmp", optimizer_path)
                 preview = save_preview(settings, pipeline, sampler_unet, embeds, reward_model, epoch, device)
                 say(f"saved {paths[0]}, {paths[1]}" + (f", preview {preview}" if preview else ""))
             accelerator.wait_for_everyone()

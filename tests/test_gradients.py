@@ -1,5 +1,6 @@
 """The LoRA gets the same gradient however a training step is computed: one timestep per UNet call,
-several, all at once, or with gradient checkpointing. And train_timestep_fraction trains each image
+several, all at once, or with gradient checkpointing. train_timesteps_per_call=0 (auto) finds the
+largest call that fits by halving on out-of-memory. And train_timestep_fraction trains each image
 on exactly int(steps * fraction) distinct timesteps of its own trajectory.
 """
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from train_policy import training_minibatches
-from utils.ddpo import policy_gradient_backward
+from utils.ddpo import largest_that_fits, policy_gradient_backward
 from utils.lora import add_lora
 from utils.sampling import sample_with_logprob
 from utils.tiny_checkpoint import CROSS_ATTENTION_DIM, sd15_scheduler, tiny_unet
@@ -77,6 +78,29 @@ def test_gradient_checkpointing_gives_the_same_gradient(policy, one_at_a_time, t
     checkpointed.enable_gradient_checkpointing()
     assert_same_gradient(lora_gradient(checkpointed, *rest, timesteps_per_call=timesteps_per_call), one_at_a_time)
     assert recomputed, "diffusers did not checkpoint any block"
+
+
+def gpu_with_room_for(most_that_fit, tried):
+    """An attempt that fails as CUDA does (torch.OutOfMemoryError) when a call holds more than `most_that_fit`."""
+    def attempt(per_call):
+        tried.append(per_call)
+        if per_call > most_that_fit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return attempt
+
+
+@pytest.mark.parametrize("room, expected_tries", [(20, [20]), (7, [20, 10, 5]), (3, [20, 10, 5, 3]), (1, [20, 10, 5, 3, 2, 1])])
+def test_auto_timesteps_per_call_halves_until_the_call_fits(room, expected_tries):
+    tried = []
+    assert largest_that_fits(gpu_with_room_for(room, tried), 20) == expected_tries[-1]
+    assert tried == expected_tries
+
+
+def test_auto_timesteps_per_call_gives_up_when_one_timestep_does_not_fit():
+    tried = []
+    with pytest.raises(torch.OutOfMemoryError):
+        largest_that_fits(gpu_with_room_for(0, tried), 4)
+    assert tried == [4, 2, 1]
 
 
 def test_timestep_fraction_trains_on_that_many_distinct_timesteps_of_each_image():

@@ -25,6 +25,8 @@ PROMPT, NEGATIVE = "a red fox", "blurry, jpeg"
 GUIDANCE, ETA, STEPS = 5.0, 1.0, 2  # STEPS is conftest's TINY_SETTINGS num_inference_steps
 FP16_ATOL = 2e-3  # latents are saved in fp16: |x| < 4 rounds by at most 0.001
 FIRST_ROUND = 6
+UMASK = os.umask(0o022)
+os.umask(UMASK)
 RATED_ROUND = 480  # a reward CNN needs a few hundred ratings to learn the rule; 2-step images are cheap
 REWARD_EPOCHS = 20
 # a learning rate far above a real run's, so that 2 epochs of 2 steps move the images measurably
@@ -195,10 +197,14 @@ def test_train_policy_writes_both_loras_optimizer_state_and_metrics_each_save(po
     outputs, result = policy
     assert re.search(r"epoch 1: reward -?[\d.]+ ± [\d.]+", result.stdout), result.stdout
     assert re.search(r"epoch 2: reward -?[\d.]+ ± [\d.]+", result.stdout), result.stdout
+    # the default train_timesteps_per_call=0 (auto) puts both of an image's 2 timesteps in one call on CPU
+    assert "train_timesteps_per_call=0 (auto): 2 timesteps per UNet call" in result.stdout, result.stdout
     for epoch in (1, 2):
         for name in (f"diffusers_lora_epoch_{epoch}.safetensors", f"ui_lora_epoch_{epoch}.safetensors",
                      f"optimizer_epoch_{epoch}.pt", f"preview_epoch_{epoch}.png"):
             assert (outputs / name).is_file(), name
+            # readable as the user's other files are: a WebUI/ComfyUI running as another user can load it
+            assert (outputs / name).stat().st_mode & 0o777 == 0o666 & ~UMASK, name
         assert len(load_file(outputs / f"ui_lora_epoch_{epoch}.safetensors")) == 384
         optimizer = torch.load(outputs / f"optimizer_epoch_{epoch}.pt", weights_only=True)
         assert len(optimizer["state"]) == 2 * 128  # lora_A and lora_B of each layer, all with Adam moments

@@ -6,9 +6,13 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 
-def _per_sample(values, timesteps, like):
-    """Gather a per-timestep schedule value for each sample, shaped to broadcast against `like`."""
-    return values.to(like.device)[timesteps].to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+def _alphas_cumprod_on(scheduler, device):
+    """The scheduler's alphas_cumprod (1000,) on `device`, kept on the scheduler after the first call:
+    looking schedule values up on the GPU needs no host-device copy, so no sync, per step."""
+    cached = getattr(scheduler, "_almostperfect_alphas_cumprod", None)
+    if cached is None or cached.device != device:
+        cached = scheduler._almostperfect_alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    return cached
 
 
 def ddim_step_with_logprob(scheduler, noise_pred, timesteps, latents, eta, next_latents=None, generator=None):
@@ -21,11 +25,12 @@ def ddim_step_with_logprob(scheduler, noise_pred, timesteps, latents, eta, next_
     """
     timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
     step_size = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    prev_timesteps = timesteps.cpu() - step_size
-    alphas_cumprod = scheduler.alphas_cumprod
-    alpha_t = _per_sample(alphas_cumprod, timesteps.cpu(), latents)
-    alpha_prev = torch.where(prev_timesteps >= 0, alphas_cumprod[prev_timesteps.clamp(min=0)], scheduler.final_alpha_cumprod)
-    alpha_prev = alpha_prev.to(latents.device, latents.dtype).view_as(alpha_t)
+    prev_timesteps = timesteps - step_size
+    alphas_cumprod = _alphas_cumprod_on(scheduler, latents.device)
+    per_sample = (-1, *([1] * (latents.ndim - 1)))  # (batch, 1, 1, 1): broadcasts against the latents
+    alpha_t = alphas_cumprod[timesteps].to(latents.dtype).view(per_sample)
+    alpha_prev = torch.where(prev_timesteps >= 0, alphas_cumprod[prev_timesteps.clamp(min=0)],
+                             float(scheduler.final_alpha_cumprod)).to(latents.dtype).view(per_sample)
 
     pred_original = (latents - (1 - alpha_t).sqrt() * noise_pred) / alpha_t.sqrt()
     if scheduler.config.clip_sample:

@@ -1,5 +1,6 @@
 """DDPO's learning rule: advantages from rewards, and PPO's clipped loss over a sample's DDIM steps."""
 
+import gc
 from contextlib import nullcontext
 
 import torch
@@ -9,8 +10,32 @@ from utils.sampling import guided_noise_pred
 
 
 def compute_advantages(rewards, clip_max):
-    """(n,) rewards of the whole epoch -> (n,) advantages: mean 0, std 1, clipped to +-clip_max."""
-    return ((rewards - rewards.mean()) / (rewards.std() + 1e-8)).clamp(-clip_max, clip_max)
+    """(n,) rewards of the whole epoch -> (n,) advantages: mean 0, std 1, clipped to +-clip_max.
+
+    The population std (as ddpo-pytorch's np.std), so a single image gets advantage 0, not NaN.
+    """
+    return ((rewards - rewards.mean()) / (rewards.std(correction=0) + 1e-8)).clamp(-clip_max, clip_max)
+
+
+def largest_that_fits(attempt, most):
+    """The largest n <= most for which `attempt(n)` runs without the GPU running out of memory.
+
+    Tries `most`, then halves (rounding up) after each out-of-memory error: 20, 10, 5, 3, 2, 1.
+    Raises the last OutOfMemoryError if even 1 does not fit.
+    """
+    n = most
+    while True:
+        try:
+            attempt(n)
+            return n
+        except torch.OutOfMemoryError:
+            if n == 1:
+                raise
+        # Out here the exception is gone, and with it the failed attempt's frames and tensors.
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        n = (n + 1) // 2
 
 
 def policy_gradient_backward(unet, scheduler, minibatch, positive_embeds, negative_embeds, guidance_scale, eta,

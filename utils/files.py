@@ -11,12 +11,25 @@ from PIL import Image
 _SETTING = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
 _NEGATIVE = "Negative prompt:"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read, then put back: the only portable way to learn the umask
+
+
+def publish(temp_path, path):
+    """Rename a finished temp file over `path` in one step (a reader sees the old file or the new one).
+
+    Its mode becomes what a plain open() would give (0666 less the umask): mkstemp and safetensors
+    write files readable by their owner only, which a WebUI or ComfyUI running as another user
+    (a container, a service) could not load.
+    """
+    os.chmod(temp_path, 0o666 & ~_UMASK)
+    os.replace(temp_path, path)
 
 
 def write_json_atomic(path, obj):
     """Write obj as JSON so that a reader (or a crash) sees the old file or the new one, never half of one.
 
-    The temporary file is in the same folder because os.replace is atomic only within one file system.
+    The temporary file is in the same folder because a rename is atomic only within one file system.
     """
     folder = os.path.dirname(os.path.abspath(path))
     handle, temp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
@@ -26,8 +39,7 @@ def write_json_atomic(path, obj):
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())  # the rename must not reach the disk before the data does
-        os.chmod(temp_path, 0o644)  # mkstemp makes the file private; the user's other files are not
-        os.replace(temp_path, path)
+        publish(temp_path, path)
     except BaseException:
         os.unlink(temp_path)
         raise

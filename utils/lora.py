@@ -11,6 +11,8 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
 
+from utils.files import publish
+
 TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 DIFFUSERS_NAME = re.compile(r"^diffusers_lora_epoch_(\d+)\.safetensors$")
 
@@ -54,9 +56,9 @@ def save_lora(unet, folder, epoch):
     ui_path = os.path.join(folder, f"ui_lora_epoch_{epoch}.safetensors")
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=state, weight_name=f".diffusers_lora_epoch_{epoch}.tmp",
                                               unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
-    os.replace(os.path.join(folder, f".diffusers_lora_epoch_{epoch}.tmp"), diffusers_path)
+    publish(os.path.join(folder, f".diffusers_lora_epoch_{epoch}.tmp"), diffusers_path)
     save_file(kohya_state_dict(state, lora_alpha(unet)), ui_path + ".tmp", metadata={"ss_network_module": "networks.lora"})
-    os.replace(ui_path + ".tmp", ui_path)
+    publish(ui_path + ".tmp", ui_path)
     return diffusers_path, ui_path
 
 

@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from utils.files import publish
+
 
 def pearson(a, b):
     a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
@@ -87,7 +89,7 @@ def plot_curves(path, records, x_key, panels, title, columns=3):
     figure.tight_layout()
     figure.savefig(path + ".tmp.png", dpi=100)
     plt.close(figure)
-    os.replace(path + ".tmp.png", path)
+    publish(path + ".tmp.png", path)
 
 
 def contact_sheet(path, images, captions, thumbnail=128, columns=8):
@@ -108,4 +110,4 @@ def contact_sheet(path, images, captions, thumbnail=128, columns=8):
         draw.multiline_text((x + thumbnail // 2, y + thumbnail), caption, fill="black", font=font, anchor="ma",
                             align="center", spacing=2)
     sheet.save(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
+    publish(path + ".tmp.png", path)

@@ -8,6 +8,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from utils.files import publish
+
 
 class LatentRewardModel(nn.Module):
     """(batch, 4, h/8, w/8) latent -> (batch,) predicted score. Works for any latent size."""
@@ -31,7 +33,7 @@ def save_reward_model(model, path, metadata):
     """Weights as safetensors (no pickle), `metadata` (JSON-able) in the file's header; temp file + rename."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, path + ".tmp", metadata={"almostperfect": json.dumps(metadata)})
-    os.replace(path + ".tmp", path)
+    publish(path + ".tmp", path)
 
 
 def reward_model_metadata(path):

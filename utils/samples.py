@@ -6,6 +6,8 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 
+from utils.files import publish
+
 LATENTS = "latents"
 HISTORY = "history"
 ROUND_FILE = "round.json"
@@ -27,7 +29,7 @@ def save_latent(path, latent):
     """Store a final latent (4, h/8, w/8) in fp16; temp file + rename."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_file({"latent": latent.detach().to("cpu", torch.float16).contiguous()}, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    publish(path + ".tmp", path)
 
 
 def load_latent(path):
