@@ -10,8 +10,11 @@ embeddings). Any config.py setting can be given as --name=value, e.g. --train_ti
 Reports seconds per image for sampling and for training, and memory: CUDA max allocated, or on
 CPU the peak resident set (each configuration runs in its own process, so peaks do not mix).
 "Activation" memory is the training phase's peak minus the memory in use just before it.
---compare runs the same work again with each speed/memory setting flipped (and fp32 on cuda),
-so the ratios come out of one run. Writes JSON to --out (bench/results/ is git-ignored).
+Achieved TFLOP/s come from FLOPs counted on the architecture (torch's FlopCounterMode, meta device),
+shown against the GPU's peak where known (--peak_tflops otherwise). --compare runs the same work
+again with each speed/memory setting set each way (and fp32 on cuda), so the ratios come out of
+one run. --memory_limit_gib 8 makes a bigger GPU behave as an 8 GB one. Writes JSON to --out
+(bench/results/ is git-ignored).
 """
 
 import argparse
@@ -27,7 +30,7 @@ import time
 import torch
 
 import config
-from train_policy import fit_timesteps_per_call, image_seeds, sample_epoch, train_epoch, training_minibatches
+from train_policy import fit_training_calls, image_seeds, sample_epoch, train_epoch, training_minibatches
 from utils.ddpo import compute_advantages
 from utils.lora import add_lora
 from utils.reward_model import LatentRewardModel
@@ -38,6 +41,38 @@ SD15_UNET = dict(  # SD1.5's unet/config.json; random weights
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
 )
+
+
+# Dense fp16/bf16 tensor-core peaks from NVIDIA's datasheets (TFLOP/s, without sparsity); others: --peak_tflops.
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
+
+
+def peak_tflops(gpu_name):
+    return next((peak for name, peak in PEAK_TFLOPS.items() if gpu_name and name in gpu_name), None)
+
+
+def flops_per_image_step(unet, settings, checkpointing, per_call):
+    """FLOPs of one image's DDIM step: sampling (one guided forward) and training (forward + backward,
+    and the forward again under checkpointing). Counted on a copy of the architecture on the meta
+    device: shapes only, no compute, no memory."""
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        copy = UNet2DConditionModel.from_config(unet.config)
+    add_lora(copy, settings.lora_rank)
+    copy.enable_gradient_checkpointing() if checkpointing else copy.disable_gradient_checkpointing()
+
+    def flops(batch, train):
+        latents = torch.zeros(2 * batch, copy.config.in_channels, settings.height // 8, settings.width // 8, device="meta")
+        embeds = torch.zeros(2 * batch, 77, copy.config.cross_attention_dim, device="meta")
+        with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(train):
+            output = copy(latents, torch.zeros(2 * batch, device="meta"), encoder_hidden_states=embeds).sample
+            if train:
+                output.sum().backward()
+        return counter.get_total_flops() / batch
+
+    return flops(1, False), flops(per_call, True)
 
 
 class Memory:
@@ -115,8 +150,6 @@ def measure(arch, settings, epochs, precision, memory_limit_gib=None):
     with tempfile.TemporaryDirectory() as scratch:
         unet, scheduler, embeds = build_models(arch, settings, device, dtype, scratch)
     lora_parameters = add_lora(unet, settings.lora_rank)
-    if settings.train_gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
     torch.manual_seed(0)
     reward_model = LatentRewardModel().to(device).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(lora_parameters, lr=settings.train_policy_learning_rate)
@@ -139,10 +172,12 @@ def measure(arch, settings, epochs, precision, memory_limit_gib=None):
         sampling_peak = memory.peak()
         rewards = samples["rewards"]
         advantages = compute_advantages(rewards, settings.train_adv_clip_max)
-        if epoch == 1:  # as train_policy: auto (0) is resolved once, on the first epoch's samples
+        if epoch == 1:  # as train_policy: the auto settings are resolved once, on the first epoch's samples
             probe = next(training_minibatches(samples, advantages, settings, torch.Generator().manual_seed(0)))
-            result["timesteps_per_call"] = fit_timesteps_per_call(settings, accelerator, unet, optimizer, scheduler,
-                                                                  embeds, probe)
+            result["gradient_checkpointing"], result["timesteps_per_call"] = fit_training_calls(
+                settings, accelerator, unet, optimizer, scheduler, embeds, probe)
+            result["sampling_flops_per_image_step"], result["training_flops_per_image_step"] = flops_per_image_step(
+                sampler_unet, settings, result["gradient_checkpointing"], result["timesteps_per_call"])
         before_training = memory.now()
         memory.reset_peak()
         started, started_cpu = time.perf_counter(), time.process_time()
@@ -172,17 +207,25 @@ def summarise(run, samples, steps, trained_steps):
             f"sampling_{clock}seconds_per_image": sampling, f"training_{clock}seconds_per_image": training,
             f"training_over_sampling_{clock}per_image": training / sampling,
             f"training_over_sampling_{clock}per_image_step": (training / trained_steps) / (sampling / steps)})
+    # Achieved compute: what the hardware did, to hold against its peak.
+    figures["sampling_tflops_per_second"] = run["sampling_flops_per_image_step"] * steps / figures[
+        "sampling_seconds_per_image"] / 1e12
+    figures["training_tflops_per_second"] = run["training_flops_per_image_step"] * trained_steps / figures[
+        "training_seconds_per_image"] / 1e12
+    figures["training_over_sampling_flops_per_image_step"] = (run["training_flops_per_image_step"]
+                                                              / run["sampling_flops_per_image_step"])
     return figures
 
 
 def variants(settings, trained_steps, use_cuda, precision):
-    """The base run, then one run per speed/memory setting flipped: (name, settings overrides, precision)."""
+    """The base run, then one run per speed/memory setting set each way: (name, settings overrides, precision)."""
     runs = [("default", {}, precision)]
     for per_call in sorted({1, trained_steps} - {settings.train_timesteps_per_call}):
         runs.append((f"train_timesteps_per_call={per_call}", {"train_timesteps_per_call": per_call}, precision))
-    checkpointing = not settings.train_gradient_checkpointing
-    runs.append((f"train_gradient_checkpointing={checkpointing}", {"train_gradient_checkpointing": checkpointing},
-                 precision))
+    for checkpointing in [True, False]:
+        if checkpointing != settings.train_gradient_checkpointing:
+            runs.append((f"train_gradient_checkpointing={checkpointing}",
+                         {"train_gradient_checkpointing": checkpointing}, precision))
     if use_cuda and precision != "fp32":
         runs.append(("fp32", {}, "fp32"))
     return runs
@@ -202,6 +245,8 @@ def main():
                         help="weights and autocast; auto = as train_policy (fp16 on cuda, fp32 on cpu)")
     parser.add_argument("--memory_limit_gib", type=float,
                         help="cuda: act as a GPU with this much memory (e.g. 8), so auto settings choose as they would there")
+    parser.add_argument("--peak_tflops", type=float,
+                        help="the GPU's dense fp16/bf16 peak, to report utilisation (known: " + ", ".join(PEAK_TFLOPS) + ")")
     parser.add_argument("--out", help="JSON file to write")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args()
@@ -227,6 +272,7 @@ def main():
     report = {"arch": args.arch, "height": args.height, "width": args.width, "samples": args.samples,
               "steps": args.steps, "trained_timesteps_per_image": trained_steps,
               "machine": {"device": args.device, "gpu": torch.cuda.get_device_name() if use_cuda else None,
+                          "peak_tflops": args.peak_tflops or (peak_tflops(torch.cuda.get_device_name()) if use_cuda else None),
                           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                           "platform": platform.platform(), "torch": torch.__version__,
                           "MALLOC_MMAP_THRESHOLD_": env["MALLOC_MMAP_THRESHOLD_"],
@@ -241,6 +287,7 @@ def main():
     child_args = [f"--{name}={getattr(args, name)}" for name in ("arch", "height", "width", "device", "steps",
                                                                   "samples", "epochs", "memory_limit_gib")
                   if getattr(args, name) is not None] + overrides
+    peak = report["machine"]["peak_tflops"]
     for name, changed, precision in runs:
         command = [sys.executable, os.path.abspath(__file__), "--child", *child_args,
                    *(f"--{k}={v}" for k, v in changed.items()), f"--precision={precision}"]
@@ -253,11 +300,14 @@ def main():
         run = {"name": name, "changed": changed, **json.loads(child.stdout.strip().splitlines()[-1])}
         run.update(summarise(run, args.samples, args.steps, trained_steps))
         report["runs"].append(run)
-        print(f"{name} ({run['timesteps_per_call']} timesteps per call): sampling "
+        print(f"{name} ({run['timesteps_per_call']} timesteps per call, checkpointing "
+              f"{'on' if run['gradient_checkpointing'] else 'off'}): sampling "
               f"{run['sampling_seconds_per_image']:.3f} s/image, training "
               f"{run['training_seconds_per_image']:.3f} s/image ({run['training_over_sampling_per_image']:.2f}x; "
               f"CPU time {run['training_over_sampling_cpu_per_image']:.2f}x), peak {_gib(run['peak_memory'])}, "
-              f"training activations {_gib(run['training_activation_memory'])}")
+              f"training activations {_gib(run['training_activation_memory'])}, achieved "
+              f"{_tflops(run['sampling_tflops_per_second'], peak)} sampling, "
+              f"{_tflops(run['training_tflops_per_second'], peak)} training")
     base = report["runs"][0]
     for run in report["runs"][1:]:
         if "failed" in run or "failed" in base:
@@ -272,6 +322,10 @@ def main():
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
         print(f"wrote {args.out}")
+
+
+def _tflops(value, peak):
+    return f"{value:.3g} TFLOP/s" + (f" ({100 * value / peak:.0f}% of the {peak:g} peak)" if peak else "")
 
 
 def _gib(value):

@@ -66,12 +66,13 @@ train_adv_clip_max = 2.0  # advantages (normalised rewards) are clipped to +-thi
 train_clip_range = 1e-4  # PPO ratio clip range
 train_timestep_fraction = 1.0  # train on this random share of each image's timesteps (1.0 = all, the seed's behaviour)
 train_timesteps_per_call = 0  # timesteps per UNet call in training (same gradient; activation memory x this); 0 = auto: as many as fit in GPU memory, all on CPU
-train_gradient_checkpointing = True  # recompute activations in backward: same gradient, 1/4 the activation memory (SD1.5 in 8 GB), ~15% slower
+train_gradient_checkpointing = "auto"  # recompute activations in backward (same gradient, 1/4 the activation memory, ~35% more compute); auto = only if training does not fit without
 train_offload_frozen = True  # keep text encoder and VAE off the GPU while training (they are not needed there)
 train_compile = False  # torch.compile the UNet (slow first epoch, faster later ones)
 train_preview_seeds = "0,1,2,3"  # fixed seeds of the preview grid written at each save ("" = no previews)
 seed = 0  # seeds the policy's sampling noise and shuffles, so a run (and its resume) is reproducible
 
+_BOOL_OR_AUTO = {"train_gradient_checkpointing"}  # True, False or "auto"
 # A file inside a folder setting follows that folder when only the folder is overridden on the command line.
 _FOLLOWS = {"score_path": ("sample_path", "scores.json"), "reward_model_path": ("model_path", "reward_model.safetensors")}
 _DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
@@ -81,13 +82,29 @@ class SettingsError(ValueError):
     """A setting is unknown, mistyped or contradicts another one; the message says which."""
 
 
+def _parse_bool(name, text):
+    if text.lower() in ("true", "1", "yes", "on"):
+        return True
+    if text.lower() in ("false", "0", "no", "off"):
+        return False
+    raise SettingsError(f"--{name} takes True or False, not {text!r}.")
+
+
+def _parse_bool_or_auto(name, value):
+    """True, False or "auto", from config.py's value or the command line's text."""
+    if isinstance(value, bool) or str(value).lower() == "auto":
+        return value if isinstance(value, bool) else "auto"
+    try:
+        return _parse_bool(name, str(value))
+    except SettingsError:
+        raise SettingsError(f"--{name} takes auto, True or False, not {value!r}.") from None
+
+
 def _parse_value(name, text, default):
+    if name in _BOOL_OR_AUTO:
+        return _parse_bool_or_auto(name, text)
     if isinstance(default, bool):
-        if text.lower() in ("true", "1", "yes", "on"):
-            return True
-        if text.lower() in ("false", "0", "no", "off"):
-            return False
-        raise SettingsError(f"--{name} takes True or False, not {text!r}.")
+        return _parse_bool(name, text)
     if isinstance(default, int):
         try:
             return int(text)
@@ -125,6 +142,8 @@ def parse(argv, used=None):
             raise _unknown(name)
         values[name] = _parse_value(name, text, _DEFAULTS[name])
         overridden.add(name)
+    for name in _BOOL_OR_AUTO:  # config.py may hold True, False or "auto"
+        values[name] = _parse_bool_or_auto(name, values[name])
     for name, (folder, file_name) in _FOLLOWS.items():
         if folder in overridden and name not in overridden:
             values[name] = os.path.join(values[folder], file_name)

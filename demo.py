@@ -45,7 +45,6 @@ DEMO_SETTINGS = {
     "train_sample_batch_size": 16, "train_sample_num_batches_per_epoch": 2,
     "train_policy_batch_size": 32,  # one optimizer step per epoch on all of its images
     "train_policy_learning_rate": 1e-2,  # the tiny UNet needs larger steps than SD1.5
-    "train_gradient_checkpointing": False,  # 8x8 latents need little memory; recomputing them would only cost time
     "train_save_freq": POLICY_EPOCHS_PER_ROUND,
     "train_preview_seeds": "0,1,2,3,4,5,6,7",
 }

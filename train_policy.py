@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from utils.cli import UserError, run_stage
-from utils.ddpo import compute_advantages, largest_that_fits, policy_gradient_backward
+from utils.ddpo import compute_advantages, first_that_fits, halvings, policy_gradient_backward
 from utils.files import publish
 from utils.lora import add_lora, latest_lora, load_lora_into_unet, save_lora
 from utils.metrics import append_jsonl, contact_sheet, plot_curves, read_jsonl
@@ -85,36 +85,54 @@ def training_minibatches(samples, advantages, settings, generator):
         yield {key: value[index] for key, value in chosen.items()}
 
 
-def fit_timesteps_per_call(settings, accelerator, unet, optimizer, scheduler, embeds, minibatch):
-    """train_timesteps_per_call, or for 0 (auto) the most timesteps per UNet call that fit in memory.
+def training_call_candidates(settings, trained_timesteps):
+    """[(gradient checkpointing, timesteps per UNet call)] the settings allow, fastest first."""
+    checkpointing = [False, True] if settings.train_gradient_checkpointing == "auto" else \
+        [settings.train_gradient_checkpointing]
+    per_call = halvings(trained_timesteps) if settings.train_timesteps_per_call == 0 else \
+        [settings.train_timesteps_per_call]
+    return [(checkpoint, count) for checkpoint in checkpointing for count in per_call]
 
-    On CUDA, a real forward and backward of `minibatch` with all its timesteps in one call, halving
-    on out-of-memory; the gradient is thrown away. Every process then takes the smallest count any
-    of them found, so all make the same calls. On CPU, where running out of memory is not an error
-    but swapping, all timesteps go in one call (set the number by hand for SD1.5 on a CPU).
+
+def fit_training_calls(settings, accelerator, unet, optimizer, scheduler, embeds, minibatch):
+    """How training calls the UNet, the "auto" settings resolved: (gradient checkpointing, timesteps per call).
+
+    Candidates go fastest first: without checkpointing before with it (it adds a third to a step's
+    compute), and within each, all of an image's trained timesteps in one call, then halving
+    (20, 10, 5, 3, 2, 1): training_call_candidates. On CUDA each is tried with a real forward and backward of `minibatch`
+    (the gradient is thrown away) until one fits in memory; every process then takes the latest
+    candidate any of them needed, so all make the same calls (identical GPUs find the same one).
+    On CPU, where running out of memory means swapping rather than an error, the first is taken:
+    set both by hand to train SD1.5 on a CPU. Checkpointing is switched on the UNet as chosen.
     """
-    if settings.train_timesteps_per_call:
-        return settings.train_timesteps_per_call
-    most = minibatch["log_probs"].shape[1]  # (b, k): the k trained timesteps of each image
-    if accelerator.device.type != "cuda":
-        return most
+    candidates = training_call_candidates(settings, minibatch["log_probs"].shape[1])  # (b, k): k timesteps each
+    model = accelerator.unwrap_model(unet)
 
-    def attempt(per_call):
+    def attempt(candidate):
+        checkpoint, count = candidate
+        model.enable_gradient_checkpointing() if checkpoint else model.disable_gradient_checkpointing()
         unet.train()
         try:
             with accelerator.no_sync(unet):
                 policy_gradient_backward(unet, scheduler, minibatch, *embeds, settings.guidance_scale, settings.eta,
-                                         settings.train_clip_range, per_call, backward=accelerator.backward)
+                                         settings.train_clip_range, count, backward=accelerator.backward)
         finally:
             optimizer.zero_grad(set_to_none=True)
 
-    try:
-        per_call = largest_that_fits(attempt, most)
-    except torch.OutOfMemoryError:
-        raise UserError(f"training does not fit in GPU memory even one timestep at a time at {settings.height}x"
-                        f"{settings.width}: lower height/width, or keep train_gradient_checkpointing=True and "
-                        f"train_policy_batch_size=1.") from None
-    return int(accelerator.gather(torch.tensor([per_call], device=accelerator.device)).min())
+    if len(candidates) == 1 or accelerator.device.type != "cuda":
+        choice = candidates[0]
+    else:
+        try:
+            choice = first_that_fits(attempt, candidates)
+        except torch.OutOfMemoryError:
+            raise UserError(f"training does not fit in GPU memory at {settings.height}x{settings.width} even with "
+                            f"{candidates[-1][1]} timestep(s) per UNet call and gradient checkpointing "
+                            f"{'on' if candidates[-1][0] else 'off'}: lower height/width or train_policy_batch_size, "
+                            f"or set train_timesteps_per_call=0 and train_gradient_checkpointing=auto.") from None
+        latest = accelerator.gather(torch.tensor([candidates.index(choice)], device=accelerator.device)).max()
+        choice = candidates[int(latest)]
+    model.enable_gradient_checkpointing() if choice[0] else model.disable_gradient_checkpointing()
+    return choice
 
 
 def train_epoch(settings, accelerator, unet, optimizer, scheduler, embeds, samples, advantages, generator,
@@ -179,8 +197,6 @@ def main(settings):
         except Exception as error:
             raise UserError(f"attention_backend=xformers failed ({error}); install xformers or use sdpa.") from None
     lora_parameters = add_lora(unet, settings.lora_rank)
-    if settings.train_gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
     embeds = encode_prompt(pipeline, settings.prompt, settings.negative_prompt, device)  # 2 x (1, 77, dim)
     if settings.train_offload_frozen:
         pipeline.text_encoder.to("cpu")  # not needed again; the VAE only visits the GPU for previews
@@ -211,10 +227,10 @@ def main(settings):
         f"{settings.train_sample_batch_size}) on {accelerator.num_processes} process(es), "
         f"{per_process // settings.train_policy_batch_size} optimizer steps of {settings.train_policy_batch_size} "
         f"image(s) each per process, {max(1, int(settings.num_inference_steps * settings.train_timestep_fraction))} "
-        f"timesteps per image, {settings.train_timesteps_per_call or 'as many as fit'} per UNet call")
+        f"timesteps per image")
     metrics_path = os.path.join(settings.lora_path, "policy_metrics.jsonl")
     run_started = time.strftime("%Y-%m-%d %H:%M:%S")  # in each metrics record: the plot marks where a run resumed
-    timesteps_per_call = None  # found on the first epoch's samples
+    timesteps_per_call = None  # chosen on the first epoch's samples, with gradient checkpointing
 
     for epoch in range(first_epoch, settings.train_policy_num_epochs + 1):
         # ---------------------------------------------------------------- SAMPLING
@@ -233,10 +249,11 @@ def main(settings):
         started = time.perf_counter()
         if timesteps_per_call is None:
             probe = next(training_minibatches(samples, advantages, settings, torch.Generator().manual_seed(0)))
-            timesteps_per_call = fit_timesteps_per_call(settings, accelerator, unet, optimizer, pipeline.scheduler,
-                                                        embeds, probe)
-            if not settings.train_timesteps_per_call:
-                say(f"train_timesteps_per_call=0 (auto): {timesteps_per_call} timesteps per UNet call")
+            checkpointing, timesteps_per_call = fit_training_calls(settings, accelerator, unet, optimizer,
+                                                                   pipeline.scheduler, embeds, probe)
+            say(f"training: {timesteps_per_call} timesteps per UNet call"
+                f"{' (auto)' if not settings.train_timesteps_per_call else ''}, gradient checkpointing "
+                f"{'on' if checkpointing else 'off'}{' (auto)' if settings.train_gradient_checkpointing == 'auto' else ''}")
         totals = train_epoch(settings, accelerator, unet, optimizer, pipeline.scheduler, embeds, samples, advantages,
                              torch.Generator().manual_seed(settings.seed * 7919 + epoch * 31 + rank),
                              timesteps_per_call)

@@ -1,6 +1,6 @@
 """The LoRA gets the same gradient however a training step is computed: one timestep per UNet call,
-several, all at once, or with gradient checkpointing. train_timesteps_per_call=0 (auto) finds the
-largest call that fits by halving on out-of-memory. And train_timestep_fraction trains each image
+several, all at once, or with gradient checkpointing. The auto settings take the fastest training
+call that fits in GPU memory. And train_timestep_fraction trains each image
 on exactly int(steps * fraction) distinct timesteps of its own trajectory.
 """
 
@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from train_policy import training_minibatches
-from utils.ddpo import largest_that_fits, policy_gradient_backward
+from train_policy import training_call_candidates, training_minibatches
+from utils.ddpo import first_that_fits, halvings, policy_gradient_backward
 from utils.lora import add_lora
 from utils.sampling import sample_with_logprob
 from utils.tiny_checkpoint import CROSS_ATTENTION_DIM, sd15_scheduler, tiny_unet
@@ -80,27 +80,40 @@ def test_gradient_checkpointing_gives_the_same_gradient(policy, one_at_a_time, t
     assert recomputed, "diffusers did not checkpoint any block"
 
 
-def gpu_with_room_for(most_that_fit, tried):
-    """An attempt that fails as CUDA does (torch.OutOfMemoryError) when a call holds more than `most_that_fit`."""
-    def attempt(per_call):
-        tried.append(per_call)
-        if per_call > most_that_fit:
+def gpu_with_room_for(room, tried):
+    """An attempt that fails as CUDA does (torch.OutOfMemoryError) when a call needs more than `room`:
+    4 units per timestep without checkpointing, 1 with it."""
+    def attempt(candidate):
+        tried.append(candidate)
+        checkpointing, per_call = candidate
+        if per_call * (1 if checkpointing else 4) > room:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     return attempt
 
 
-@pytest.mark.parametrize("room, expected_tries", [(20, [20]), (7, [20, 10, 5]), (3, [20, 10, 5, 3]), (1, [20, 10, 5, 3, 2, 1])])
-def test_auto_timesteps_per_call_halves_until_the_call_fits(room, expected_tries):
-    tried = []
-    assert largest_that_fits(gpu_with_room_for(room, tried), 20) == expected_tries[-1]
-    assert tried == expected_tries
+AUTO = SimpleNamespace(train_gradient_checkpointing="auto", train_timesteps_per_call=0)
 
 
-def test_auto_timesteps_per_call_gives_up_when_one_timestep_does_not_fit():
+def test_auto_settings_try_without_checkpointing_first_then_halve_the_timesteps_per_call():
+    assert halvings(20) == [20, 10, 5, 3, 2, 1] and halvings(1) == [1]
+    assert training_call_candidates(AUTO, 20) == [(False, n) for n in halvings(20)] + [(True, n) for n in halvings(20)]
+    fixed = SimpleNamespace(train_gradient_checkpointing=True, train_timesteps_per_call=4)
+    assert training_call_candidates(fixed, 20) == [(True, 4)]
+
+
+@pytest.mark.parametrize("room, chosen", [(80, (False, 20)), (20, (False, 5)), (4, (False, 1)), (3, (True, 3)),
+                                          (1, (True, 1))])
+def test_auto_settings_take_the_first_candidate_that_fits_in_memory(room, chosen):
+    candidates, tried = training_call_candidates(AUTO, 20), []
+    assert first_that_fits(gpu_with_room_for(room, tried), candidates) == chosen
+    assert tried == candidates[:candidates.index(chosen) + 1]  # nothing after the first that fits is tried
+
+
+def test_auto_settings_give_up_when_nothing_fits():
     tried = []
     with pytest.raises(torch.OutOfMemoryError):
-        largest_that_fits(gpu_with_room_for(0, tried), 4)
-    assert tried == [4, 2, 1]
+        first_that_fits(gpu_with_room_for(0, tried), training_call_candidates(AUTO, 4))
+    assert len(tried) == 6  # (off, 4), (off, 2), (off, 1), (on, 4), (on, 2), (on, 1)
 
 
 def test_timestep_fraction_trains_on_that_many_distinct_timesteps_of_each_image():

@@ -197,8 +197,8 @@ def test_train_policy_writes_both_loras_optimizer_state_and_metrics_each_save(po
     outputs, result = policy
     assert re.search(r"epoch 1: reward -?[\d.]+ ± [\d.]+", result.stdout), result.stdout
     assert re.search(r"epoch 2: reward -?[\d.]+ ± [\d.]+", result.stdout), result.stdout
-    # the default train_timesteps_per_call=0 (auto) puts both of an image's 2 timesteps in one call on CPU
-    assert "train_timesteps_per_call=0 (auto): 2 timesteps per UNet call" in result.stdout, result.stdout
+    # on CPU the auto settings put both of an image's 2 timesteps in one call, without checkpointing
+    assert "training: 2 timesteps per UNet call (auto), gradient checkpointing off (auto)" in result.stdout, result.stdout
     for epoch in (1, 2):
         for name in (f"diffusers_lora_epoch_{epoch}.safetensors", f"ui_lora_epoch_{epoch}.safetensors",
                      f"optimizer_epoch_{epoch}.pt", f"preview_epoch_{epoch}.png"):

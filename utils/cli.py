@@ -2,6 +2,8 @@
 
 import sys
 
+import torch
+
 import config
 
 
@@ -17,6 +19,12 @@ def run_stage(main, used_settings):
     except (UserError, config.SettingsError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except torch.OutOfMemoryError as error:
+        print(f"error: the GPU ran out of memory ({str(error).splitlines()[0]}). Lower generate_batch_size or "
+              f"train_sample_batch_size, or height and width; train_timesteps_per_call=0 and "
+              f"train_gradient_checkpointing=auto make training fit by themselves. Everything saved so far is kept.",
+              file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("\ninterrupted: everything saved so far is kept; run the same command again to go on.", file=sys.stderr)
         sys.exit(130)

@@ -17,25 +17,30 @@ def compute_advantages(rewards, clip_max):
     return ((rewards - rewards.mean()) / (rewards.std(correction=0) + 1e-8)).clamp(-clip_max, clip_max)
 
 
-def largest_that_fits(attempt, most):
-    """The largest n <= most for which `attempt(n)` runs without the GPU running out of memory.
+def halvings(most):
+    """most, then halved (rounding up) down to 1: 20 -> [20, 10, 5, 3, 2, 1]."""
+    counts = [most]
+    while counts[-1] > 1:
+        counts.append((counts[-1] + 1) // 2)
+    return counts
 
-    Tries `most`, then halves (rounding up) after each out-of-memory error: 20, 10, 5, 3, 2, 1.
-    Raises the last OutOfMemoryError if even 1 does not fit.
+
+def first_that_fits(attempt, candidates):
+    """The first candidate for which `attempt(candidate)` runs without the GPU running out of memory.
+
+    Raises torch.OutOfMemoryError if none does.
     """
-    n = most
-    while True:
+    for candidate in candidates:
         try:
-            attempt(n)
-            return n
+            attempt(candidate)
+            return candidate
         except torch.OutOfMemoryError:
-            if n == 1:
-                raise
+            pass
         # Out here the exception is gone, and with it the failed attempt's frames and tensors.
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        n = (n + 1) // 2
+    raise torch.OutOfMemoryError(f"none of {candidates} fits in GPU memory")
 
 
 def policy_gradient_backward(unet, scheduler, minibatch, positive_embeds, negative_embeds, guidance_scale, eta,
