@@ -65,8 +65,8 @@ train_policy_learning_rate = 1e-4  # AdamW on the LoRA weights
 train_adv_clip_max = 2.0  # advantages (normalised rewards) are clipped to +-this
 train_clip_range = 1e-4  # PPO ratio clip range
 train_timestep_fraction = 1.0  # train on this random share of each image's timesteps (1.0 = all, the seed's behaviour)
-train_timesteps_per_call = 0  # timesteps per UNet call in training (same gradient; activation memory x this); 0 = auto: as many as fit in GPU memory, all on CPU
-train_gradient_checkpointing = "auto"  # recompute activations in backward (same gradient, 1/4 the activation memory, ~35% more compute); auto = only if training does not fit without
+train_timesteps_per_call = 0  # timesteps per UNet call in training (same gradient); 0 = auto: as many as fit
+train_gradient_checkpointing = "auto"  # recompute activations: 1/4 the memory, +1/3 compute; auto = only if needed
 train_offload_frozen = True  # keep text encoder and VAE off the GPU while training (they are not needed there)
 train_compile = False  # torch.compile the UNet (slow first epoch, faster later ones)
 train_preview_seeds = "0,1,2,3"  # fixed seeds of the preview grid written at each save ("" = no previews)

@@ -97,11 +97,12 @@ def training_call_candidates(settings, trained_timesteps):
 def fit_training_calls(settings, accelerator, unet, optimizer, scheduler, embeds, minibatch):
     """How training calls the UNet, the "auto" settings resolved: (gradient checkpointing, timesteps per call).
 
-    Candidates go fastest first: without checkpointing before with it (it adds a third to a step's
-    compute), and within each, all of an image's trained timesteps in one call, then halving
-    (20, 10, 5, 3, 2, 1): training_call_candidates. On CUDA each is tried with a real forward and backward of `minibatch`
-    (the gradient is thrown away) until one fits in memory; every process then takes the latest
-    candidate any of them needed, so all make the same calls (identical GPUs find the same one).
+    Candidates (training_call_candidates) go fastest first: without checkpointing before with it
+    (it adds a third to a step's compute), and within each, all of an image's trained timesteps in
+    one call, then halving (20, 10, 5, 3, 2, 1). On CUDA each is tried with a real forward and
+    backward of `minibatch` (the gradient is thrown away) until one fits in memory; every process
+    then takes the latest candidate any of them needed, so all make the same calls (identical GPUs
+    find the same one).
     On CPU, where running out of memory means swapping rather than an error, the first is taken:
     set both by hand to train SD1.5 on a CPU. Checkpointing is switched on the UNet as chosen.
     """
