@@ -3,6 +3,7 @@
     python benchmark.py --arch tiny --height 64 --width 64 --device cpu --compare --out bench/results/tiny64.json
     python benchmark.py --arch sd15 --height 512 --width 512 --device cpu --samples 1 --steps 1 --compare
     python benchmark.py --arch sd15 --height 1080 --width 720 --device cuda --compare
+    python benchmark.py --arch sd15 --height 1080 --width 720 --device cuda --memory_limit_gib 8
 
 Runs train_policy's own sampling and training functions on random weights: the tiny checkpoint
 (utils/tiny_checkpoint.py) or SD1.5's UNet architecture (860M parameters, random text
