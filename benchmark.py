@@ -31,7 +31,7 @@ import time
 import torch
 
 import config
-from train_policy import fit_training_calls, image_seeds, sample_epoch, train_epoch, training_minibatches
+from train_policy import fit_training_calls, image_seeds, sample_epoch, set_gradient_checkpointing, train_epoch
 from utils.ddpo import compute_advantages
 from utils.lora import add_lora
 from utils.reward_model import LatentRewardModel
@@ -62,7 +62,7 @@ def flops_per_image_step(unet, settings, checkpointing, per_call):
     with torch.device("meta"):
         copy = UNet2DConditionModel.from_config(unet.config)
     add_lora(copy, settings.lora_rank)
-    copy.enable_gradient_checkpointing() if checkpointing else copy.disable_gradient_checkpointing()
+    set_gradient_checkpointing(copy, checkpointing)
 
     def flops(batch, train):
         latents = torch.zeros(2 * batch, copy.config.in_channels, settings.height // 8, settings.width // 8, device="meta")
@@ -174,9 +174,8 @@ def measure(arch, settings, epochs, precision, memory_limit_gib=None):
         rewards = samples["rewards"]
         advantages = compute_advantages(rewards, settings.train_adv_clip_max)
         if epoch == 1:  # as train_policy: the auto settings are resolved once, on the first epoch's samples
-            probe = next(training_minibatches(samples, advantages, settings, torch.Generator().manual_seed(0)))
             result["gradient_checkpointing"], result["timesteps_per_call"] = fit_training_calls(
-                settings, accelerator, unet, optimizer, scheduler, embeds, probe)
+                settings, accelerator, unet, optimizer, scheduler, embeds, samples, advantages)
             result["sampling_flops_per_image_step"], result["training_flops_per_image_step"] = flops_per_image_step(
                 sampler_unet, settings, result["gradient_checkpointing"], result["timesteps_per_call"])
         before_training = memory.now()

@@ -92,8 +92,10 @@ def _parse_bool(name, text):
 
 def _parse_bool_or_auto(name, value):
     """True, False or "auto", from config.py's value or the command line's text."""
-    if isinstance(value, bool) or str(value).lower() == "auto":
-        return value if isinstance(value, bool) else "auto"
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() == "auto":
+        return "auto"
     try:
         return _parse_bool(name, str(value))
     except SettingsError:
@@ -102,7 +104,7 @@ def _parse_bool_or_auto(name, value):
 
 def _parse_value(name, text, default):
     if name in _BOOL_OR_AUTO:
-        return _parse_bool_or_auto(name, text)
+        return text  # parse() reads it, as it reads config.py's value
     if isinstance(default, bool):
         return _parse_bool(name, text)
     if isinstance(default, int):

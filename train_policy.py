@@ -94,24 +94,29 @@ def training_call_candidates(settings, trained_timesteps):
     return [(checkpoint, count) for checkpoint in checkpointing for count in per_call]
 
 
-def fit_training_calls(settings, accelerator, unet, optimizer, scheduler, embeds, minibatch):
+def set_gradient_checkpointing(unet, on):
+    unet.enable_gradient_checkpointing() if on else unet.disable_gradient_checkpointing()
+
+
+def fit_training_calls(settings, accelerator, unet, optimizer, scheduler, embeds, samples, advantages):
     """How training calls the UNet, the "auto" settings resolved: (gradient checkpointing, timesteps per call).
 
     Candidates (training_call_candidates) go fastest first: without checkpointing before with it
     (it adds a third to a step's compute), and within each, all of an image's trained timesteps in
     one call, then halving (20, 10, 5, 3, 2, 1). On CUDA each is tried with a real forward and
-    backward of `minibatch` (the gradient is thrown away) until one fits in memory; every process
+    backward of the epoch's first minibatch (the gradient is thrown away) until one fits in memory; every process
     then takes the latest candidate any of them needed, so all make the same calls (identical GPUs
     find the same one).
     On CPU, where running out of memory means swapping rather than an error, the first is taken:
     set both by hand to train SD1.5 on a CPU. Checkpointing is switched on the UNet as chosen.
     """
+    minibatch = next(training_minibatches(samples, advantages, settings, torch.Generator().manual_seed(0)))
     candidates = training_call_candidates(settings, minibatch["log_probs"].shape[1])  # (b, k): k timesteps each
     model = accelerator.unwrap_model(unet)
 
     def attempt(candidate):
         checkpoint, count = candidate
-        model.enable_gradient_checkpointing() if checkpoint else model.disable_gradient_checkpointing()
+        set_gradient_checkpointing(model, checkpoint)
         unet.train()
         try:
             with accelerator.no_sync(unet):
@@ -132,7 +137,7 @@ def fit_training_calls(settings, accelerator, unet, optimizer, scheduler, embeds
                             f"or set train_timesteps_per_call=0 and train_gradient_checkpointing=auto.") from None
         latest = accelerator.gather(torch.tensor([candidates.index(choice)], device=accelerator.device)).max()
         choice = candidates[int(latest)]
-    model.enable_gradient_checkpointing() if choice[0] else model.disable_gradient_checkpointing()
+    set_gradient_checkpointing(model, choice[0])
     return choice
 
 
@@ -249,9 +254,8 @@ def main(settings):
         # ---------------------------------------------------------------- TRAINING
         started = time.perf_counter()
         if timesteps_per_call is None:
-            probe = next(training_minibatches(samples, advantages, settings, torch.Generator().manual_seed(0)))
             checkpointing, timesteps_per_call = fit_training_calls(settings, accelerator, unet, optimizer,
-                                                                   pipeline.scheduler, embeds, probe)
+                                                                   pipeline.scheduler, embeds, samples, advantages)
             say(f"training: {timesteps_per_call} timesteps per UNet call"
                 f"{' (auto)' if not settings.train_timesteps_per_call else ''}, gradient checkpointing "
                 f"{'on' if checkpointing else 'off'}{' (auto)' if settings.train_gradient_checkpointing == 'auto' else ''}")

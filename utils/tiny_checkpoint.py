@@ -80,6 +80,18 @@ def _identity_resnets(blocks):
             attention.to_out[0].bias.zero_()
 
 
+def _set_weight(layer, weight):
+    """Copy `weight` into a conv or linear layer and zero its bias."""
+    layer.weight.copy_(weight)
+    layer.bias.zero_()
+
+
+def _plain_norm(norm):
+    """A GroupNorm without its learned scale and shift."""
+    norm.weight.fill_(1.0)
+    norm.bias.zero_()
+
+
 def _linear_norm_gain(norm, scale):
     """GroupNorm of pair features at `scale`: its output per unit of x (its epsilon sets the gain)."""
     return scale / norm.eps ** 0.5
@@ -95,8 +107,7 @@ def tiny_unet():
         cross_attention_dim=CROSS_ATTENTION_DIM, attention_head_dim=2,
     )
     identity = torch.eye(LATENT_CHANNELS)
-    unet.conv_in.weight.copy_(_pairs(identity, CENTRE))
-    unet.conv_in.bias.zero_()
+    _set_weight(unet.conv_in, _pairs(identity, CENTRE))
     # The last resnet sees [deep features (8), conv_in's output (8)]: keep conv_in's pairs, shrink the rest.
     last_resnet, last_attention = unet.up_blocks[-1].resnets[-1], unet.up_blocks[-1].attentions[-1]
     deep = last_resnet.conv_shortcut.weight.shape[1] - 2 * LATENT_CHANNELS
@@ -106,11 +117,9 @@ def tiny_unet():
     for layer in (last_resnet.conv2, last_attention.proj_out):
         layer.weight *= UNET_PAIR_SCALE * RANDOM_BLOCKS_SHARE
         layer.bias *= UNET_PAIR_SCALE * RANDOM_BLOCKS_SHARE
-    unet.conv_norm_out.weight.fill_(1.0)
-    unet.conv_norm_out.bias.zero_()
+    _plain_norm(unet.conv_norm_out)
     gains = DETAIL_GAIN * CENTRE + (SMOOTH_GAIN - DETAIL_GAIN) * BLUR  # blur keeps smooth content, drops detail
-    unet.conv_out.weight.copy_(_unpairs(2 * identity / _linear_norm_gain(unet.conv_norm_out, UNET_PAIR_SCALE), gains))
-    unet.conv_out.bias.zero_()
+    _set_weight(unet.conv_out, _unpairs(2 * identity / _linear_norm_gain(unet.conv_norm_out, UNET_PAIR_SCALE), gains))
     return unet
 
 
@@ -126,32 +135,24 @@ def tiny_vae():
     pair_identity = torch.eye(2 * LATENT_CHANNELS)[:, :, None, None]
 
     decoder = vae.decoder
-    vae.post_quant_conv.weight.copy_(torch.eye(LATENT_CHANNELS)[:, :, None, None])
-    vae.post_quant_conv.bias.zero_()
-    decoder.conv_in.weight.copy_(_pairs(VAE_PAIR_SCALE * torch.eye(LATENT_CHANNELS), BLUR))
-    decoder.conv_in.bias.zero_()
+    _set_weight(vae.post_quant_conv, torch.eye(LATENT_CHANNELS)[:, :, None, None])
+    _set_weight(decoder.conv_in, _pairs(VAE_PAIR_SCALE * torch.eye(LATENT_CHANNELS), BLUR))
     _identity_resnets([*decoder.up_blocks, decoder.mid_block])
     for block in decoder.up_blocks:
         for upsampler in block.upsamplers or []:
-            upsampler.conv.weight.copy_(pair_identity * BLUR)
-            upsampler.conv.bias.zero_()
-    decoder.conv_norm_out.weight.fill_(1.0)
-    decoder.conv_norm_out.bias.zero_()
-    decoder.conv_out.weight.copy_(_unpairs(2 * to_rgb.T / _linear_norm_gain(decoder.conv_norm_out, VAE_PAIR_SCALE)))
-    decoder.conv_out.bias.zero_()
+            _set_weight(upsampler.conv, pair_identity * BLUR)
+    _plain_norm(decoder.conv_norm_out)
+    _set_weight(decoder.conv_out, _unpairs(2 * to_rgb.T / _linear_norm_gain(decoder.conv_norm_out, VAE_PAIR_SCALE)))
 
     encoder = vae.encoder
-    encoder.conv_in.weight.copy_(_pairs(VAE_PAIR_SCALE * from_rgb, CENTRE))
-    encoder.conv_in.bias.zero_()
+    _set_weight(encoder.conv_in, _pairs(VAE_PAIR_SCALE * from_rgb, CENTRE))
     _identity_resnets([*encoder.down_blocks, encoder.mid_block])
     box = torch.zeros(3, 3)
     box[:2, :2] = 0.25  # stride 2, padding on the bottom and right only: the 2x2 block's average
     for block in encoder.down_blocks:
         for downsampler in block.downsamplers or []:
-            downsampler.conv.weight.copy_(pair_identity * box)
-            downsampler.conv.bias.zero_()
-    encoder.conv_norm_out.weight.fill_(1.0)
-    encoder.conv_norm_out.bias.zero_()
+            _set_weight(downsampler.conv, pair_identity * box)
+    _plain_norm(encoder.conv_norm_out)
     mean = _unpairs(2 * torch.eye(LATENT_CHANNELS) / _linear_norm_gain(encoder.conv_norm_out, VAE_PAIR_SCALE))
     encoder.conv_out.weight.copy_(torch.cat([mean, torch.zeros_like(mean)]))
     encoder.conv_out.bias.copy_(torch.cat([torch.zeros(LATENT_CHANNELS), torch.full((LATENT_CHANNELS,), -30.0)]))
