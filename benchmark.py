@@ -26,15 +26,17 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
+from dataclasses import replace
 
 import torch
 
 import config
-from train_policy import fit_training_calls, image_seeds, sample_epoch, set_gradient_checkpointing, train_epoch
-from utils.ddpo import compute_advantages
+from utils.cli import SettingsError, parse_settings, trained_timesteps
+from train_policy import run_epoch
 from utils.lora import add_lora
 from utils.reward_model import LatentRewardModel
+from utils.sampling import Denoiser, schedule_on
+from utils.training_calls import set_gradient_checkpointing
 
 SD15_UNET = dict(  # SD1.5's unet/config.json; random weights
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -131,11 +133,11 @@ def build_models(arch, settings, device, dtype, scratch):
     unet = UNet2DConditionModel(**SD15_UNET).to(device, dtype)
     embeds = tuple(torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(i)).to(device, dtype)
                    for i in (0, 1))
-    return unet, sd15_scheduler(), embeds
+    return unet, schedule_on(sd15_scheduler(), device), embeds
 
 
 def measure(arch, settings, epochs, precision, memory_limit_gib=None):
-    """Run `epochs` epochs of sampling + training in this process; returns the figures."""
+    """Run `epochs` of train_policy's own epoch (run_epoch) in this process; returns the figures."""
     from accelerate import Accelerator
 
     use_cuda = settings.device.startswith("cuda")
@@ -146,50 +148,44 @@ def measure(arch, settings, epochs, precision, memory_limit_gib=None):
     if use_cuda and memory_limit_gib:  # behave as a smaller GPU: allocations past the limit raise out-of-memory
         torch.cuda.set_per_process_memory_fraction(
             min(1.0, memory_limit_gib * 2**30 / torch.cuda.get_device_properties(device).total_memory), device)
-    synchronize = torch.cuda.synchronize if use_cuda else lambda: None  # CUDA runs ahead of the clock
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     with tempfile.TemporaryDirectory() as scratch:
-        unet, scheduler, embeds = build_models(arch, settings, device, dtype, scratch)
+        unet, scheduler, (positive, negative) = build_models(arch, settings, device, dtype, scratch)
     lora_parameters = add_lora(unet, settings.lora_rank)
     torch.manual_seed(0)
     reward_model = LatentRewardModel().to(device).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(lora_parameters, lr=settings.train_policy_learning_rate)
     unet, optimizer = accelerator.prepare(unet, optimizer)
-    sampler_unet = accelerator.unwrap_model(unet)
-    if settings.train_compile:
-        unet = torch.compile(unet)
-    samples_per_epoch = settings.train_sample_batch_size * settings.train_sample_num_batches_per_epoch
-    result = {"precision": precision, "unet_parameters": sum(p.numel() for p in sampler_unet.parameters()),
+    sampler = Denoiser(accelerator.unwrap_model(unet), scheduler, positive, negative, settings.guidance_scale,
+                       settings.eta)
+    trainer = replace(sampler, unet=torch.compile(unet) if settings.train_compile else unet)
+    result = {"precision": precision, "unet_parameters": sum(p.numel() for p in sampler.unet.parameters()),
               "lora_parameters": sum(p.numel() for p in lora_parameters), "memory_after_load": memory.now(),
               "epochs": []}
+    training_call = None
     for epoch in range(1, epochs + 1):
+        phase = {}
+
+        def after_sampling():
+            phase["sampling_peak"] = memory.peak()
+            phase["memory_before_training"] = memory.now()
+            memory.reset_peak()
+
         memory.reset_peak()
-        started, started_cpu = time.perf_counter(), time.process_time()
-        sampler_unet.eval()
-        samples = sample_epoch(settings, sampler_unet, scheduler, reward_model, embeds,
-                               image_seeds(settings, epoch, samples_per_epoch), 0)
-        synchronize()
-        sampling_seconds, sampling_cpu_seconds = time.perf_counter() - started, time.process_time() - started_cpu
-        sampling_peak = memory.peak()
-        rewards = samples["rewards"]
-        advantages = compute_advantages(rewards, settings.train_adv_clip_max)
-        if epoch == 1:  # as train_policy: the auto settings are resolved once, on the first epoch's samples
-            result["gradient_checkpointing"], result["timesteps_per_call"] = fit_training_calls(
-                settings, accelerator, unet, optimizer, scheduler, embeds, samples, advantages)
-            result["sampling_flops_per_image_step"], result["training_flops_per_image_step"] = flops_per_image_step(
-                sampler_unet, settings, result["gradient_checkpointing"], result["timesteps_per_call"])
-        before_training = memory.now()
-        memory.reset_peak()
-        started, started_cpu = time.perf_counter(), time.process_time()
-        train_epoch(settings, accelerator, unet, optimizer, scheduler, embeds, samples, advantages,
-                    torch.Generator().manual_seed(epoch), result["timesteps_per_call"])
-        synchronize()
+        epoch_result = run_epoch(settings, epoch, accelerator, sampler, trainer, optimizer, reward_model,
+                                 training_call, after_sampling)
         training_peak = memory.peak()
+        if training_call is None:  # as train_policy: the auto settings are resolved once, on the first epoch
+            training_call = epoch_result["training_call"]
+            result["gradient_checkpointing"], result["timesteps_per_call"] = training_call
+            result["sampling_flops_per_image_step"], result["training_flops_per_image_step"] = flops_per_image_step(
+                sampler.unet, settings, *training_call)
+        seconds, cpu_seconds = epoch_result["seconds"], epoch_result["cpu_seconds"]
         result["epochs"].append({
-            "sampling_seconds": sampling_seconds, "training_seconds": time.perf_counter() - started,
-            "sampling_cpu_seconds": sampling_cpu_seconds, "training_cpu_seconds": time.process_time() - started_cpu,
-            "sampling_peak": sampling_peak, "training_peak": training_peak, "memory_before_training": before_training,
-            "training_activation": None if training_peak is None else training_peak - before_training})
+            "sampling_seconds": seconds["sampling"], "training_seconds": seconds["training"],
+            "sampling_cpu_seconds": cpu_seconds["sampling"], "training_cpu_seconds": cpu_seconds["training"],
+            "training_peak": training_peak, **phase,
+            "training_activation": None if training_peak is None else training_peak - phase["memory_before_training"]})
     return result
 
 
@@ -255,10 +251,10 @@ def main():
     if args.samples % batch:
         parser.error(f"--samples {args.samples} must be a multiple of train_sample_batch_size={batch}")
     try:
-        settings = config.parse([f"--height={args.height}", f"--width={args.width}", f"--device={args.device}",
+        settings = parse_settings([f"--height={args.height}", f"--width={args.width}", f"--device={args.device}",
                                  f"--num_inference_steps={args.steps}", f"--train_sample_batch_size={batch}",
                                  f"--train_sample_num_batches_per_epoch={args.samples // batch}", *overrides])
-    except config.SettingsError as error:
+    except SettingsError as error:
         parser.error(str(error))
     use_cuda = settings.device.startswith("cuda")
     if args.child:  # one configuration, in its own process: figures as JSON on the last line of stdout
@@ -268,7 +264,7 @@ def main():
     # glibc keeps freed heap memory resident, so a CPU process's peak would count tensors long gone;
     # giving every allocation above 128 KiB its own mapping returns it on free (CPU runs ~10% slower).
     env = {"MALLOC_MMAP_THRESHOLD_": "131072", **os.environ}
-    trained_steps = max(1, int(args.steps * settings.train_timestep_fraction))
+    trained_steps = trained_timesteps(args.steps, settings.train_timestep_fraction)
     report = {"arch": args.arch, "height": args.height, "width": args.width, "samples": args.samples,
               "steps": args.steps, "trained_timesteps_per_image": trained_steps,
               "machine": {"device": args.device, "gpu": torch.cuda.get_device_name() if use_cuda else None,
@@ -278,7 +274,7 @@ def main():
                           "MALLOC_MMAP_THRESHOLD_": env["MALLOC_MMAP_THRESHOLD_"],
                           "memory_limit_gib": args.memory_limit_gib},
               "settings": {name: getattr(settings, name) for name in (
-                  "lora_rank", "guidance_scale", "train_policy_batch_size", "train_timestep_fraction",
+                  "lora_rank", "guidance_scale", "train_policy_batch_size", "train_optimizer_steps_per_epoch", "train_timestep_fraction",
                   "train_timesteps_per_call", "train_gradient_checkpointing", "train_compile")},
               "runs": []}
     runs = [("default", {}, args.precision)]

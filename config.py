@@ -4,12 +4,8 @@ Edit the values here, or override any of them on a stage's command line as --nam
 (e.g. `python generate.py --generate_sample_size=100 --prompt="a red car"`). An override is
 checked against the default's type; an unknown name is an error that suggests the closest
 ones. `python <stage>.py --help` lists the settings that stage uses, with their values.
+The parser and the checks that settings agree with each other are in utils/cli.py.
 """
-
-import difflib
-import os
-import sys
-from types import SimpleNamespace
 
 import torch
 
@@ -60,7 +56,8 @@ train_policy_num_epochs = 50  # the run stops at this epoch number, counting epo
 train_save_freq = 10  # save LoRA + optimizer state every N epochs (and after the last)
 train_sample_batch_size = 4  # images per sampling call
 train_sample_num_batches_per_epoch = 4  # sampling calls per epoch: an epoch learns from batch_size x num_batches images
-train_policy_batch_size = 1  # images per optimizer step and process (accelerate, N processes: a step learns from N x this)
+train_policy_batch_size = 1  # images per UNet forward/backward (a memory knob, as in the seed); gradients accumulate
+train_optimizer_steps_per_epoch = 1  # AdamW steps per epoch, each on an equal share of its images; 1 = the seed's
 train_policy_learning_rate = 1e-4  # AdamW on the LoRA weights
 train_adv_clip_max = 2.0  # advantages (normalised rewards) are clipped to +-this
 train_clip_range = 1e-4  # PPO ratio clip range
@@ -71,127 +68,3 @@ train_offload_frozen = True  # keep text encoder and VAE off the GPU while train
 train_compile = False  # torch.compile the UNet (slow first epoch, faster later ones)
 train_preview_seeds = "0,1,2,3"  # fixed seeds of the preview grid written at each save ("" = no previews)
 seed = 0  # seeds the policy's sampling noise and shuffles, so a run (and its resume) is reproducible
-
-_BOOL_OR_AUTO = {"train_gradient_checkpointing"}  # True, False or "auto"
-# A file inside a folder setting follows that folder when only the folder is overridden on the command line.
-_FOLLOWS = {"score_path": ("sample_path", "scores.json"), "reward_model_path": ("model_path", "reward_model.safetensors")}
-_DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
-
-
-class SettingsError(ValueError):
-    """A setting is unknown, mistyped or contradicts another one; the message says which."""
-
-
-def _parse_bool(name, text):
-    if text.lower() in ("true", "1", "yes", "on"):
-        return True
-    if text.lower() in ("false", "0", "no", "off"):
-        return False
-    raise SettingsError(f"--{name} takes True or False, not {text!r}.")
-
-
-def _parse_bool_or_auto(name, value):
-    """True, False or "auto", from config.py's value or the command line's text."""
-    if isinstance(value, bool):
-        return value
-    if str(value).lower() == "auto":
-        return "auto"
-    try:
-        return _parse_bool(name, str(value))
-    except SettingsError:
-        raise SettingsError(f"--{name} takes auto, True or False, not {value!r}.") from None
-
-
-def _parse_value(name, text, default):
-    if name in _BOOL_OR_AUTO:
-        return text  # parse() reads it, as it reads config.py's value
-    if isinstance(default, bool):
-        return _parse_bool(name, text)
-    if isinstance(default, int):
-        try:
-            return int(text)
-        except ValueError:
-            raise SettingsError(f"--{name} takes a whole number (default {default}), not {text!r}.") from None
-    if isinstance(default, float):
-        try:
-            return float(text)
-        except ValueError:
-            raise SettingsError(f"--{name} takes a number (default {default}), not {text!r}.") from None
-    return text
-
-
-def _unknown(name):
-    close = difflib.get_close_matches(name, _DEFAULTS, n=3, cutoff=0.5)
-    hint = f" Did you mean {', '.join('--' + c for c in close)}?" if close else " Run with --help for the list."
-    return SettingsError(f"Unknown setting --{name}.{hint}")
-
-
-def parse(argv, used=None):
-    """Settings from config.py's values and --name=value overrides in argv, validated.
-
-    `used` lists the settings the calling stage reads; --help prints those and exits.
-    """
-    values = {k: globals()[k] for k in _DEFAULTS}  # re-read so edits made by tests/importers count
-    overridden = set()
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print_help(values, used)
-            sys.exit(0)
-        if not arg.startswith("--") or "=" not in arg:
-            raise SettingsError(f"Arguments look like --name=value; {arg!r} does not.")
-        name, text = arg[2:].split("=", 1)
-        if name not in values:
-            raise _unknown(name)
-        values[name] = _parse_value(name, text, _DEFAULTS[name])
-        overridden.add(name)
-    for name in _BOOL_OR_AUTO:  # config.py may hold True, False or "auto"
-        values[name] = _parse_bool_or_auto(name, values[name])
-    for name, (folder, file_name) in _FOLLOWS.items():
-        if folder in overridden and name not in overridden:
-            values[name] = os.path.join(values[folder], file_name)
-    settings = SimpleNamespace(**values)
-    validate(settings)
-    return settings
-
-
-def validate(s):
-    """Fail on contradictory settings with one sentence, before any model is loaded."""
-    if s.eta <= 0:
-        raise SettingsError(f"eta must be > 0 (got {s.eta}): with eta = 0 DDIM is deterministic and DDPO's log-probabilities are undefined.")
-    for name in ("height", "width"):
-        if getattr(s, name) <= 0 or getattr(s, name) % 8:
-            raise SettingsError(f"{name} must be a positive multiple of 8 (got {getattr(s, name)}), since latents are 1/8 of the image size.")
-    for name in ("generate_sample_size", "generate_batch_size", "num_inference_steps", "train_reward_num_epochs",
-                 "train_reward_batch_size", "train_policy_num_epochs", "train_save_freq", "train_sample_batch_size",
-                 "train_sample_num_batches_per_epoch", "train_policy_batch_size", "lora_rank"):
-        if getattr(s, name) < 1:
-            raise SettingsError(f"{name} must be at least 1 (got {getattr(s, name)}).")
-    if s.train_timesteps_per_call < 0:
-        raise SettingsError(f"train_timesteps_per_call must be 0 (auto) or at least 1 (got {s.train_timesteps_per_call}).")
-    samples_per_epoch = s.train_sample_batch_size * s.train_sample_num_batches_per_epoch
-    if samples_per_epoch % s.train_policy_batch_size:
-        raise SettingsError(
-            f"train_sample_batch_size x train_sample_num_batches_per_epoch = {samples_per_epoch} images per epoch "
-            f"must be divisible by train_policy_batch_size = {s.train_policy_batch_size}.")
-    if not 0 < s.train_timestep_fraction <= 1:
-        raise SettingsError(f"train_timestep_fraction must be in (0, 1] (got {s.train_timestep_fraction}).")
-    if not 0 <= s.train_reward_test_split_ratio < 1:
-        raise SettingsError(f"train_reward_test_split_ratio must be in [0, 1) (got {s.train_reward_test_split_ratio}).")
-    if s.train_clip_range <= 0 or s.train_adv_clip_max <= 0:
-        raise SettingsError("train_clip_range and train_adv_clip_max must be > 0.")
-    if s.attention_backend not in ("sdpa", "xformers"):
-        raise SettingsError(f"attention_backend must be 'sdpa' or 'xformers' (got {s.attention_backend!r}).")
-    if not s.device.startswith(("cuda", "cpu", "mps")):
-        raise SettingsError(f"device must be cuda, cuda:N, cpu or mps (got {s.device!r}).")
-    if s.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SettingsError(f"device is {s.device!r} but PyTorch sees no CUDA GPU; use --device=cpu or install a CUDA build of torch.")
-
-
-def print_help(values, used):
-    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "stage"
-    doc = (sys.modules["__main__"].__doc__ or "").strip()
-    if doc:
-        print(doc + "\n")
-    print(f"Settings of {script} (edit config.py or pass --name=value):")
-    for name in used or values:
-        print(f"  --{name}={values[name]}")

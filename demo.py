@@ -23,9 +23,8 @@ import shutil
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
-import config
+from utils.cli import SettingsError, images_per_epoch, parse_settings, stage_paths
 from utils.files import write_json_atomic
 from utils.reward_model import reward_model_metadata
 from utils.samples import ROUND_FILE
@@ -52,11 +51,7 @@ DEMO_SETTINGS = {
 
 def demo_settings(folder):
     """--name=value settings of every stage: DEMO_SETTINGS with all paths inside `folder`."""
-    paths = {"checkpoint_path": os.path.join(folder, "checkpoint"), "sample_path": os.path.join(folder, "samples", ""),
-             "score_path": os.path.join(folder, "samples", "scores.json"), "model_path": os.path.join(folder, "models", ""),
-             "reward_model_path": os.path.join(folder, "models", "reward_model.safetensors"),
-             "lora_path": os.path.join(folder, "outputs", "")}
-    return {**paths, **DEMO_SETTINGS}
+    return {**stage_paths(folder, os.path.join(folder, "checkpoint")), **DEMO_SETTINGS}
 
 
 def prepare_folder(folder):
@@ -93,9 +88,8 @@ def policy_seeds(settings, last_epoch):
     """Every seed train_policy.py sampled in epochs 1..last_epoch, to show the fresh ones are fresh."""
     from train_policy import image_seeds
 
-    namespace = SimpleNamespace(seed=config.seed)
-    per_epoch = settings["train_sample_batch_size"] * settings["train_sample_num_batches_per_epoch"]
-    return {s for epoch in range(1, last_epoch + 1) for s in image_seeds(namespace, epoch, per_epoch)}
+    return {s for epoch in range(1, last_epoch + 1)
+            for s in image_seeds(settings.seed, epoch, images_per_epoch(settings))}
 
 
 def mean_std(values):
@@ -109,6 +103,7 @@ def run_demo(folder, rounds=ROUNDS, epochs_per_round=POLICY_EPOCHS_PER_ROUND, ex
 
     started = time.perf_counter()
     settings = demo_settings(folder)
+    stage_settings = parse_settings([f"--{name}={value}" for name, value in settings.items()] + list(extra_args))
     prepare_folder(folder)
     build_tiny_checkpoint(settings["checkpoint_path"])
     calibration, measured = None, []
@@ -123,7 +118,7 @@ def run_demo(folder, rounds=ROUNDS, epochs_per_round=POLICY_EPOCHS_PER_ROUND, ex
         score_mean, score_std = mean_std(list(scores.values()))
         record = {"round": round_number, "lora_epochs": epochs_before, "images": len(scores),
                   "brightness_mean": mean_std(list(values.values()))[0], "score_mean": score_mean,
-                  "score_std": score_std, "seeds_trained_on": len(set(seeds) & policy_seeds(settings, epochs_before))}
+                  "score_std": score_std, "seeds_trained_on": len(set(seeds) & policy_seeds(stage_settings, epochs_before))}
         if round_number <= rounds:
             seconds["train_reward"] = run_script("train_reward.py", settings, extra_args)
             metadata = reward_model_metadata(settings["reward_model_path"])
@@ -170,8 +165,8 @@ def print_summary(summary, folder):
 def main():
     extra_args = sys.argv[1:]
     try:
-        config.parse(extra_args)
-    except config.SettingsError as error:
+        parse_settings(extra_args)  # a mistyped setting fails here, before the demo folder is touched
+    except SettingsError as error:
         raise SystemExit(f"error: {error}") from None
     folder = os.path.join(ROOT, "demo")
     summary = run_demo(folder, extra_args=extra_args)

@@ -26,9 +26,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
 from utils.cli import UserError, run_stage
-from utils.files import (MAX_SCORE, MIN_SCORE, parse_webui_parameters, read_png_parameters, scores_format_problem,
-                         write_json_atomic)
-from utils.samples import round_images
+from utils.files import MAX_SCORE, MIN_SCORE, scores_format_problem, write_json_atomic
+from utils.samples import parse_webui_parameters, read_png_parameters, round_images
 
 USED_SETTINGS = ["sample_path", "score_path", "score_host", "score_port", "score_open_browser"]
 

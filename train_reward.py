@@ -26,8 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from utils.cli import UserError, run_stage
-from utils.files import scores_format_problem
-from utils.files import write_json_atomic
+from utils.files import scores_format_problem, write_json_atomic
 from utils.metrics import append_jsonl, contact_sheet, pairwise_accuracy, pearson, plot_curves, read_jsonl, spearman
 from utils.reward_model import LatentRewardModel, load_reward_model, reward_model_metadata, save_reward_model
 from utils.samples import history_rounds, latent_file, load_latent
@@ -100,8 +99,10 @@ def load_pairs(settings, device):
 
 @torch.no_grad()
 def encode_images(settings, unencoded, latents, device, size=None):
-    """VAE-encode images that have no saved latent (made elsewhere), resized to `size` (h, w) if given;
-    fills `latents` in place."""
+    """VAE-encode images that have no saved latent (made elsewhere) into `latents`, in place.
+
+    Images are resized to `size` (h, w) if given.
+    """
     print(f"VAE-encoding {len(unencoded)} images that have no saved latent")
     pipeline = load_pipeline(settings.checkpoint_path, device, torch.float32)
     height, width = size or (None, None)
@@ -137,20 +138,22 @@ def rank_folder(settings, device):
     names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS)) if os.path.isdir(folder) else []
     if not names:
         raise UserError(f"--rank_folder={folder!r} is not a folder with .png, .jpg or .webp images in it.")
-    if not os.path.isfile(settings.reward_model_path):
-        raise UserError(f"no reward model at {settings.reward_model_path}: train one first with `python train_reward.py`.")
+    model = load_reward_model(settings.reward_model_path, device)
     latents = [load_latent(latent_file(folder, n)) if os.path.isfile(latent_file(folder, n)) else None for n in names]
     unencoded = [(i, os.path.join(folder, n)) for i, n in enumerate(names) if latents[i] is None]
     if unencoded:  # at the size the model was trained on, as the person saw their samples
         shape = reward_model_metadata(settings.reward_model_path).get("latent_shape")
         encode_images(settings, unencoded, latents, device, shape and (shape[1] * 8, shape[2] * 8))
-    model = load_reward_model(settings.reward_model_path, device)
     scores = sorted(((model(x[None].to(device)).item(), n) for x, n in zip(latents, names)), reverse=True)
     ranking = [{"rank": rank, "image": name, "score": score} for rank, (score, name) in enumerate(scores, 1)]
 
     print(f"{len(names)} images in {folder}, best first by the reward model {settings.reward_model_path}:")
-    for entry in ranking[:10] + ([{"rank": "..."}] if len(ranking) > 20 else []) + ranking[max(10, len(ranking) - 10):]:
-        print(f"{entry['rank']:>6}  {entry['score']:+.3f}  {entry['image']}" if "image" in entry else f"{'...':>6}")
+    shown_in_terminal = ranking if len(ranking) <= 20 else ranking[:10] + [None] + ranking[-10:]
+    for entry in shown_in_terminal:
+        if entry is None:
+            print(f"{'...':>6}")
+        else:
+            print(f"{entry['rank']:>6}  {entry['score']:+.3f}  {entry['image']}")
     os.makedirs(settings.model_path, exist_ok=True)
     json_path, sheet_path = (os.path.join(settings.model_path, name) for name in ("ranking.json", "ranking.png"))
     write_json_atomic(json_path, {"folder": os.path.abspath(folder), "reward_model": settings.reward_model_path,
@@ -207,9 +210,9 @@ def main(settings):
                   **evaluate(model, test_x, test_y, settings.train_reward_batch_size)}
         append_jsonl(metrics_path, record)
         print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "run"))
-        score = record.get("test_loss", record["train_loss"])
-        if best is None or score <= best["score"]:
-            best = {"score": score, **record}
+        selection_loss = record.get("test_loss", record["train_loss"])
+        if best is None or selection_loss <= best["selection_loss"]:
+            best = {"selection_loss": selection_loss, **record}
             best_state = {k: v.clone() for k, v in model.state_dict().items()}
 
     # ---------------------------------------------------------------- SAVE the best epoch

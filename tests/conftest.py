@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from utils import scripted_rater as _scripted_rater  # noqa: E402
+from utils.cli import stage_paths  # noqa: E402
 from utils.tiny_checkpoint import build_tiny_checkpoint  # noqa: E402
 
 # The tiny models gain nothing from threads, and on a small machine shared with other work PyTorch's
@@ -35,28 +35,6 @@ TINY_SETTINGS = {"device": "cpu", "height": 64, "width": 64, "num_inference_step
 def tiny_checkpoint(tmp_path_factory):
     """Path of a tiny diffusers checkpoint on disk (built once per test session)."""
     return str(build_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny_checkpoint"))))
-
-
-@pytest.fixture(scope="session")
-def scripted_rater():
-    """utils.scripted_rater: rate_by_brightness(sample_folder), rate_by_latent_channel(sample_folder, channel)."""
-    return _scripted_rater
-
-
-def stage_paths(folder, checkpoint=None):
-    """Every path setting, inside `folder`: {setting name: path}.
-
-    checkpoint_path is `checkpoint`, or folder/models/checkpoint (where a user keeps it) when None.
-    """
-    folder = Path(folder)
-    return {
-        "checkpoint_path": str(checkpoint or folder / "models" / "checkpoint"),
-        "sample_path": f"{folder / 'samples'}{os.sep}",
-        "score_path": str(folder / "samples" / "scores.json"),
-        "model_path": f"{folder / 'models'}{os.sep}",
-        "reward_model_path": str(folder / "models" / "reward_model.safetensors"),
-        "lora_path": f"{folder / 'outputs'}{os.sep}",
-    }
 
 
 def run_script(name, *args, cwd, checkpoint=None, timeout=300):

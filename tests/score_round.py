@@ -8,7 +8,7 @@ import threading
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-import config
+from utils.cli import parse_settings
 import score
 from utils.samples import webui_parameters
 
@@ -46,7 +46,7 @@ def write_json(path, obj):
 @contextlib.contextmanager
 def serving(sample_path, score_path):
     """score.py's server on the folder, in a thread of this process; yields its base URL."""
-    settings = config.parse([f"--sample_path={sample_path}", f"--score_path={score_path}",
+    settings = parse_settings([f"--sample_path={sample_path}", f"--score_path={score_path}",
                              "--score_port=0", "--score_open_browser=False"], score.USED_SETTINGS)
     server = score.make_server(settings)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)

@@ -28,14 +28,14 @@ def record(probe_dir, entry):
 def probe_train_policy(stage, probe_dir):
     train_epoch = stage.train_epoch
 
-    def recorded(settings, accelerator, unet, *args):
-        totals = train_epoch(settings, accelerator, unet, *args)
+    def recorded(accelerator, trainer, *args, **kwargs):
+        means = train_epoch(accelerator, trainer, *args, **kwargs)
         digest = hashlib.sha256()
-        for name, parameter in sorted(unet.named_parameters()):
+        for name, parameter in sorted(trainer.unet.named_parameters()):
             if parameter.requires_grad:
                 digest.update(name.encode() + parameter.detach().cpu().numpy().tobytes())
         record(probe_dir, {"lora_sha256": digest.hexdigest()})
-        return totals
+        return means
 
     stage.train_epoch = recorded
 

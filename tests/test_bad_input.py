@@ -15,7 +15,7 @@ from PIL import Image
 import config
 from conftest import run_scripts, snapshot, stage_paths
 from train_reward import read_scores
-from utils.cli import UserError
+from utils.cli import SettingsError, UserError, parse_settings
 from utils.samples import latent_file, save_latent
 
 ROUND = [101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 111, 112]
@@ -175,8 +175,8 @@ def test_a_valid_scores_json_is_read_as_written(tmp_path):
      ["12 images per epoch", "train_policy_batch_size = 5"]),
 ])
 def test_every_bad_setting_is_one_sentence_naming_it(arguments, words):
-    with pytest.raises(config.SettingsError) as refusal:
-        config.parse(["--device=cpu", *arguments])
+    with pytest.raises(SettingsError) as refusal:
+        parse_settings(["--device=cpu", *arguments])
     message = str(refusal.value)
     assert "\n" not in message
     for word in words:
@@ -184,7 +184,7 @@ def test_every_bad_setting_is_one_sentence_naming_it(arguments, words):
 
 
 def test_settings_parse_types_and_the_last_value_wins():
-    settings = config.parse(["--device=cpu", "--height=64", "--height=128", "--eta=0.5", "--generate_vae_slicing=false",
+    settings = parse_settings(["--device=cpu", "--height=64", "--height=128", "--eta=0.5", "--generate_vae_slicing=false",
                              "--prompt=a cat, at night"])
     assert (settings.height, settings.eta, settings.generate_vae_slicing) == (128, 0.5, False)
     assert settings.prompt == "a cat, at night"
@@ -193,7 +193,7 @@ def test_settings_parse_types_and_the_last_value_wins():
 
 def test_help_lists_the_stages_settings_with_their_values(capsys):
     with pytest.raises(SystemExit) as exit_:
-        config.parse(["--device=cpu", "--height=64", "--help"], ["generate_lora", "height"])
+        parse_settings(["--device=cpu", "--height=64", "--help"], ["generate_lora", "height"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "--generate_lora=latest" in out and "--height=64" in out

@@ -5,15 +5,16 @@ on exactly int(steps * fraction) distinct timesteps of its own trajectory.
 """
 
 import copy
-from types import SimpleNamespace
+from dataclasses import replace
 
 import pytest
 import torch
 
-from train_policy import training_call_candidates, training_minibatches
-from utils.ddpo import first_that_fits, halvings, policy_gradient_backward
+from train_policy import training_minibatches
+from utils.ddpo import policy_gradient_backward
 from utils.lora import add_lora
-from utils.sampling import sample_with_logprob
+from utils.sampling import Denoiser, sample_with_logprob
+from utils.training_calls import first_that_fits, halvings, training_call_candidates
 from utils.tiny_checkpoint import CROSS_ATTENTION_DIM, sd15_scheduler, tiny_unet
 
 STEPS, GUIDANCE, ETA, CLIP_RANGE = 4, 5.0, 1.0, 1e-4
@@ -21,7 +22,7 @@ STEPS, GUIDANCE, ETA, CLIP_RANGE = 4, 5.0, 1.0, 1e-4
 
 @pytest.fixture(scope="module")
 def policy():
-    """(unet with a LoRA, scheduler, embeds, one minibatch of 2 images x all their timesteps, shuffled)."""
+    """(Denoiser of a UNet with a LoRA, one minibatch of 2 images x all their timesteps, shuffled)."""
     torch.manual_seed(0)
     unet = tiny_unet()
     add_lora(unet, rank=4)
@@ -29,22 +30,21 @@ def policy():
         for name, parameter in unet.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(std=0.1)
-    scheduler = sd15_scheduler()
-    embeds = (torch.randn(1, 77, CROSS_ATTENTION_DIM), torch.randn(1, 77, CROSS_ATTENTION_DIM))
+    denoiser = Denoiser(unet, sd15_scheduler(), torch.randn(1, 77, CROSS_ATTENTION_DIM),
+                        torch.randn(1, 77, CROSS_ATTENTION_DIM), GUIDANCE, ETA)
     generators = [torch.Generator().manual_seed(seed) for seed in (1, 2)]
-    samples = sample_with_logprob(unet, scheduler, *embeds, generators, 64, 64, STEPS, GUIDANCE, ETA, progress=False)
+    samples = sample_with_logprob(denoiser, generators, 64, 64, STEPS)
     samples["timesteps"] = samples["timesteps"].expand(2, -1)  # (2, steps), as train_policy's sample_epoch has it
-    settings = SimpleNamespace(train_timestep_fraction=1.0, train_policy_batch_size=2)
     advantages = torch.tensor([1.0, -0.5])
-    minibatch = next(training_minibatches(samples, advantages, settings, torch.Generator().manual_seed(0)))
+    minibatch = training_minibatches(samples, advantages, 2, 1.0, torch.Generator().manual_seed(0))[0]
     unet.train()
-    return unet, scheduler, embeds, minibatch
+    return denoiser, minibatch
 
 
-def lora_gradient(unet, scheduler, embeds, minibatch, timesteps_per_call):
-    unet.zero_grad(set_to_none=True)
-    policy_gradient_backward(unet, scheduler, minibatch, *embeds, GUIDANCE, ETA, CLIP_RANGE, timesteps_per_call)
-    return torch.cat([p.grad.flatten() for p in unet.parameters() if p.requires_grad])
+def lora_gradient(denoiser, minibatch, timesteps_per_call):
+    denoiser.unet.zero_grad(set_to_none=True)
+    policy_gradient_backward(denoiser, minibatch, CLIP_RANGE, timesteps_per_call)
+    return torch.cat([p.grad.flatten() for p in denoiser.unet.parameters() if p.requires_grad])
 
 
 def assert_same_gradient(actual, expected):
@@ -54,7 +54,7 @@ def assert_same_gradient(actual, expected):
 @pytest.fixture(scope="module")
 def one_at_a_time(policy):
     gradient = lora_gradient(*policy, timesteps_per_call=1)
-    assert all(p.grad.abs().max() > 0 for p in policy[0].parameters() if p.requires_grad), \
+    assert all(p.grad.abs().max() > 0 for p in policy[0].unet.parameters() if p.requires_grad), \
         "the test needs a gradient on every LoRA matrix"
     return gradient
 
@@ -73,10 +73,10 @@ def test_gradient_checkpointing_gives_the_same_gradient(policy, one_at_a_time, t
         return checkpoint(*args, **kwargs)
 
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counted_checkpoint)
-    unet, *rest = policy
-    checkpointed = copy.deepcopy(unet)
-    checkpointed.enable_gradient_checkpointing()
-    assert_same_gradient(lora_gradient(checkpointed, *rest, timesteps_per_call=timesteps_per_call), one_at_a_time)
+    denoiser, minibatch = policy
+    checkpointed = replace(denoiser, unet=copy.deepcopy(denoiser.unet))
+    checkpointed.unet.enable_gradient_checkpointing()
+    assert_same_gradient(lora_gradient(checkpointed, minibatch, timesteps_per_call=timesteps_per_call), one_at_a_time)
     assert recomputed, "diffusers did not checkpoint any block"
 
 
@@ -91,20 +91,19 @@ def gpu_with_room_for(room, tried):
     return attempt
 
 
-AUTO = SimpleNamespace(train_gradient_checkpointing="auto", train_timesteps_per_call=0)
+AUTO = ("auto", 0)  # train_gradient_checkpointing, train_timesteps_per_call
 
 
 def test_auto_settings_try_without_checkpointing_first_then_halve_the_timesteps_per_call():
     assert halvings(20) == [20, 10, 5, 3, 2, 1] and halvings(1) == [1]
-    assert training_call_candidates(AUTO, 20) == [(False, n) for n in halvings(20)] + [(True, n) for n in halvings(20)]
-    fixed = SimpleNamespace(train_gradient_checkpointing=True, train_timesteps_per_call=4)
-    assert training_call_candidates(fixed, 20) == [(True, 4)]
+    assert training_call_candidates(*AUTO, 20) == [(False, n) for n in halvings(20)] + [(True, n) for n in halvings(20)]
+    assert training_call_candidates(True, 4, 20) == [(True, 4)]
 
 
 @pytest.mark.parametrize("room, chosen", [(80, (False, 20)), (20, (False, 5)), (4, (False, 1)), (3, (True, 3)),
                                           (1, (True, 1))])
 def test_auto_settings_take_the_first_candidate_that_fits_in_memory(room, chosen):
-    candidates, tried = training_call_candidates(AUTO, 20), []
+    candidates, tried = training_call_candidates(*AUTO, 20), []
     assert first_that_fits(gpu_with_room_for(room, tried), candidates) == chosen
     assert tried == candidates[:candidates.index(chosen) + 1]  # nothing after the first that fits is tried
 
@@ -112,7 +111,7 @@ def test_auto_settings_take_the_first_candidate_that_fits_in_memory(room, chosen
 def test_auto_settings_give_up_when_nothing_fits():
     tried = []
     with pytest.raises(torch.OutOfMemoryError):
-        first_that_fits(gpu_with_room_for(0, tried), training_call_candidates(AUTO, 4))
+        first_that_fits(gpu_with_room_for(0, tried), training_call_candidates(*AUTO, 4))
     assert len(tried) == 6  # (off, 4), (off, 2), (off, 1), (on, 4), (on, 2), (on, 1)
 
 
@@ -121,8 +120,7 @@ def test_timestep_fraction_trains_on_that_many_distinct_timesteps_of_each_image(
     latents = torch.arange(n * (steps + 1), dtype=torch.float32).view(n, steps + 1, 1, 1, 1).expand(-1, -1, 4, 2, 2)
     samples = {"latents": latents, "log_probs": latents[:, 1:, 0, 0, 0] * 10,  # (n, steps), traceable values
                "timesteps": torch.arange(steps, 0, -1).expand(n, -1) * 50}
-    settings = SimpleNamespace(train_timestep_fraction=fraction, train_policy_batch_size=1)
-    minibatches = list(training_minibatches(samples, torch.zeros(n), settings, torch.Generator().manual_seed(0)))
+    minibatches = training_minibatches(samples, torch.zeros(n), 1, fraction, torch.Generator().manual_seed(0))
     assert len(minibatches) == n
     seen = set()
     for minibatch in minibatches:

@@ -19,6 +19,7 @@ from conftest import assert_ok, run_script, snapshot
 from utils.metrics import pearson
 from utils.reward_model import load_reward_model
 from utils.samples import load_latent
+from utils.scripted_rater import rate_by_latent_channel
 from utils.sampling import load_pipeline
 
 PROMPT, NEGATIVE = "a red fox", "blurry, jpeg"
@@ -136,15 +137,15 @@ def test_generate_run_again_makes_only_the_missing_images(first_round, workspace
 
 
 @pytest.fixture(scope="module")
-def rated_round(first_round, workspace, scripted_rater):
+def rated_round(first_round, workspace):
     """The round, grown to RATED_ROUND images (same settings: generate resumes it), rated by a rule."""
     samples, _ = first_round
     folder, run = workspace
     result = run("generate", f"--generate_sample_size={RATED_ROUND}", "--generate_batch_size=32")
     assert f"generating {RATED_ROUND - FIRST_ROUND}" in result.stdout
-    # The random tiny checkpoint's images hardly differ in brightness, so the rule reads the latent
-    # that made each image; its scores are written in exactly the rating page's format.
-    scores = scripted_rater.rate_by_latent_channel(str(samples), channel=0)
+    # A rule the saved latent determines exactly, so the reward CNN can learn it from this many ratings;
+    # its scores are written in exactly the rating page's format.
+    scores = rate_by_latent_channel(str(samples), channel=0)
     assert len(scores) == RATED_ROUND and set(scores.values()) <= set(range(-5, 6))
     with open(samples / "scores.json") as f:
         assert json.load(f) == scores

@@ -17,7 +17,9 @@ import pytest
 
 import score
 from score_round import read_json, serving, write_json, write_round
-from utils.files import parse_webui_parameters, read_png_parameters, write_json_atomic
+from utils.cli import parse_settings
+from utils.files import write_json_atomic
+from utils.samples import parse_webui_parameters, read_png_parameters
 
 SEEDS = [2, 10, 33]  # 10 after 2: seed order, not text order
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -268,7 +270,7 @@ def test_a_taken_port_gives_a_free_one(round_folder):
         taken.listen()
         port = taken.getsockname()[1]
         import config
-        settings = config.parse([f"--sample_path={round_folder}", f"--score_port={port}"], score.USED_SETTINGS)
+        settings = parse_settings([f"--sample_path={round_folder}", f"--score_port={port}"], score.USED_SETTINGS)
         server = score.make_server(settings)
         assert server.server_address[1] not in (port, 0)
         server.server_close()

@@ -1,6 +1,14 @@
-"""What every stage script does at its edges: read settings, turn bad input into one sentence."""
+"""What every stage script does at its edges: read settings, turn bad input into one sentence.
 
+The settings' values and their comments are config.py's; parsing `--name=value` overrides,
+checking them against each other and `--help` are here, so config.py stays a page of values.
+"""
+
+import difflib
+import math
+import os
 import sys
+from types import SimpleNamespace
 
 import torch
 
@@ -11,12 +19,176 @@ class UserError(Exception):
     """Bad input from the user (a file, a setting, an entry): the message says which and what to do."""
 
 
+class SettingsError(UserError, ValueError):
+    """A setting is unknown, mistyped or contradicts another one; the message says which."""
+
+
+BOOL_OR_AUTO = {"train_gradient_checkpointing"}  # True, False or "auto"
+# A file inside a folder setting follows that folder when only the folder is overridden on the command line.
+FOLLOWS = {"score_path": ("sample_path", "scores.json"), "reward_model_path": ("model_path", "reward_model.safetensors")}
+
+
+def defaults():
+    """{name: value} of every setting in config.py, read now so that edits made by importers count."""
+    return {k: v for k, v in vars(config).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
+
+
+def _parse_bool(name, text):
+    if text.lower() in ("true", "1", "yes", "on"):
+        return True
+    if text.lower() in ("false", "0", "no", "off"):
+        return False
+    raise SettingsError(f"--{name} takes True or False, not {text!r}.")
+
+
+def _parse_bool_or_auto(name, value):
+    """True, False or "auto", from config.py's value or the command line's text."""
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() == "auto":
+        return "auto"
+    try:
+        return _parse_bool(name, str(value))
+    except SettingsError:
+        raise SettingsError(f"--{name} takes auto, True or False, not {value!r}.") from None
+
+
+def _parse_value(name, text, default):
+    if name in BOOL_OR_AUTO:
+        return _parse_bool_or_auto(name, text)
+    if isinstance(default, bool):
+        return _parse_bool(name, text)
+    for kind, what in ((int, "a whole number"), (float, "a number")):
+        if isinstance(default, kind):
+            try:
+                value = kind(text)
+            except ValueError:
+                raise SettingsError(f"--{name} takes {what} (default {default}), not {text!r}.") from None
+            if not math.isfinite(value):
+                raise SettingsError(f"--{name} must be a finite number, not {text!r}.")
+            return value
+    return text
+
+
+def _unknown(name, known):
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join('--' + c for c in close)}?" if close else " Run with --help for the list."
+    return SettingsError(f"Unknown setting --{name}.{hint}")
+
+
+def parse_settings(argv, used=None):
+    """Settings from config.py's values and --name=value overrides in argv, validated.
+
+    `used` lists the settings the calling stage reads; --help prints those and exits.
+    """
+    values = defaults()
+    types = dict(values)
+    overridden = set()
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print_help(values, used)
+            sys.exit(0)
+        if not arg.startswith("--") or "=" not in arg:
+            raise SettingsError(f"Arguments look like --name=value; {arg!r} does not.")
+        name, text = arg[2:].split("=", 1)
+        if name not in values:
+            raise _unknown(name, values)
+        values[name] = _parse_value(name, text, types[name])
+        overridden.add(name)
+    for name in BOOL_OR_AUTO:  # config.py may hold True, False or "auto"
+        values[name] = _parse_bool_or_auto(name, values[name])
+    for name, (folder, file_name) in FOLLOWS.items():
+        if folder in overridden and name not in overridden:
+            values[name] = os.path.join(values[folder], file_name)
+    settings = SimpleNamespace(**values)
+    validate_settings(settings)
+    return settings
+
+
+def stage_paths(folder, checkpoint=None):
+    """Every path setting inside `folder`, as a user's folder has them: {setting name: path}.
+
+    checkpoint_path is `checkpoint`, or folder/models/checkpoint when None.
+    """
+    return {
+        "checkpoint_path": str(checkpoint or os.path.join(folder, "models", "checkpoint")),
+        "sample_path": os.path.join(folder, "samples", ""),
+        "score_path": os.path.join(folder, "samples", "scores.json"),
+        "model_path": os.path.join(folder, "models", ""),
+        "reward_model_path": os.path.join(folder, "models", "reward_model.safetensors"),
+        "lora_path": os.path.join(folder, "outputs", ""),
+    }
+
+
+def images_per_epoch(s):
+    return s.train_sample_batch_size * s.train_sample_num_batches_per_epoch
+
+
+def trained_timesteps(num_inference_steps, timestep_fraction):
+    """How many of an image's DDIM steps an epoch trains on."""
+    return max(1, int(num_inference_steps * timestep_fraction))
+
+
+def validate_settings(s, num_processes=1):
+    """Fail on contradictory settings with one sentence, before any model is loaded."""
+    for name, value in vars(s).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SettingsError(f"{name} must be a finite number (got {value}).")
+    if s.eta <= 0:
+        raise SettingsError(f"eta must be > 0 (got {s.eta}): with eta = 0 DDIM is deterministic and DDPO's log-probabilities are undefined.")
+    for name in ("height", "width"):
+        if getattr(s, name) <= 0 or getattr(s, name) % 8:
+            raise SettingsError(f"{name} must be a positive multiple of 8 (got {getattr(s, name)}), since latents are 1/8 of the image size.")
+    for name in ("generate_sample_size", "generate_batch_size", "num_inference_steps", "train_reward_num_epochs",
+                 "train_reward_batch_size", "train_policy_num_epochs", "train_save_freq", "train_sample_batch_size",
+                 "train_sample_num_batches_per_epoch", "train_policy_batch_size", "train_optimizer_steps_per_epoch",
+                 "lora_rank"):
+        if getattr(s, name) < 1:
+            raise SettingsError(f"{name} must be at least 1 (got {getattr(s, name)}).")
+    if s.train_timesteps_per_call < 0:
+        raise SettingsError(f"train_timesteps_per_call must be 0 (auto) or at least 1 (got {s.train_timesteps_per_call}).")
+    per_process = images_per_epoch(s) // num_processes
+    if images_per_epoch(s) % num_processes or per_process % s.train_policy_batch_size:
+        processes = f" on {num_processes} processes ({per_process} each)" if num_processes > 1 else ""
+        raise SettingsError(
+            f"train_sample_batch_size x train_sample_num_batches_per_epoch = {images_per_epoch(s)} images per epoch"
+            f"{processes} must be divisible by train_policy_batch_size = {s.train_policy_batch_size}.")
+    minibatches = per_process // s.train_policy_batch_size
+    if minibatches % s.train_optimizer_steps_per_epoch:
+        raise SettingsError(
+            f"train_optimizer_steps_per_epoch = {s.train_optimizer_steps_per_epoch} must divide the epoch's "
+            f"{minibatches} minibatches of train_policy_batch_size = {s.train_policy_batch_size} image(s)"
+            f"{' per process' if num_processes > 1 else ''}, so every step learns from as many images.")
+    if not 0 < s.train_timestep_fraction <= 1:
+        raise SettingsError(f"train_timestep_fraction must be in (0, 1] (got {s.train_timestep_fraction}).")
+    if not 0 <= s.train_reward_test_split_ratio < 1:
+        raise SettingsError(f"train_reward_test_split_ratio must be in [0, 1) (got {s.train_reward_test_split_ratio}).")
+    if s.train_clip_range <= 0 or s.train_adv_clip_max <= 0:
+        raise SettingsError("train_clip_range and train_adv_clip_max must be > 0.")
+    if s.attention_backend not in ("sdpa", "xformers"):
+        raise SettingsError(f"attention_backend must be 'sdpa' or 'xformers' (got {s.attention_backend!r}).")
+    if not s.device.startswith(("cuda", "cpu", "mps")):
+        raise SettingsError(f"device must be cuda, cuda:N, cpu or mps (got {s.device!r}).")
+    if s.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SettingsError(f"device is {s.device!r} but PyTorch sees no CUDA GPU; use --device=cpu or install a CUDA build of torch.")
+
+
+def print_help(values, used):
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "stage"
+    doc = (sys.modules["__main__"].__doc__ or "").strip()
+    if doc:
+        print(doc + "\n")
+    print(f"Settings of {script} (edit config.py or pass --name=value):")
+    for name in used or values:
+        print(f"  --{name}={values[name]}")
+
+
 def run_stage(main, used_settings):
     """Call main(settings) with the command line's settings; bad input exits with one line, not a traceback."""
     try:
-        settings = config.parse(sys.argv[1:], used_settings)
+        settings = parse_settings(sys.argv[1:], used_settings)
         main(settings)
-    except (UserError, config.SettingsError) as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except torch.OutOfMemoryError as error:

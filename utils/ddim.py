@@ -6,15 +6,6 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 
-def _alphas_cumprod_on(scheduler, device):
-    """The scheduler's alphas_cumprod (1000,) on `device`, kept on the scheduler after the first call:
-    looking schedule values up on the GPU needs no host-device copy, so no sync, per step."""
-    cached = getattr(scheduler, "_almostperfect_alphas_cumprod", None)
-    if cached is None or cached.device != device:
-        cached = scheduler._almostperfect_alphas_cumprod = scheduler.alphas_cumprod.to(device)
-    return cached
-
-
 def ddim_step_with_logprob(scheduler, noise_pred, timesteps, latents, eta, next_latents=None, generator=None):
     """x_t -> x_{t-1} as `DDIMScheduler.step` (epsilon prediction), plus log N(x_{t-1}; mean, std²).
 
@@ -26,7 +17,8 @@ def ddim_step_with_logprob(scheduler, noise_pred, timesteps, latents, eta, next_
     timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
     step_size = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     prev_timesteps = timesteps - step_size
-    alphas_cumprod = _alphas_cumprod_on(scheduler, latents.device)
+    # load_pipeline keeps alphas_cumprod on the UNet's device, so this is no copy (and no host sync) per step
+    alphas_cumprod = scheduler.alphas_cumprod.to(latents.device)
     per_sample = (-1, *([1] * (latents.ndim - 1)))  # (batch, 1, 1, 1): broadcasts against the latents
     alpha_t = alphas_cumprod[timesteps].to(latents.dtype).view(per_sample)
     alpha_prev = torch.where(prev_timesteps >= 0, alphas_cumprod[prev_timesteps.clamp(min=0)],

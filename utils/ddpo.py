@@ -1,6 +1,5 @@
 """DDPO's learning rule: advantages from rewards, and PPO's clipped loss over a sample's DDIM steps."""
 
-import gc
 from contextlib import nullcontext
 
 import torch
@@ -12,50 +11,29 @@ from utils.sampling import guided_noise_pred
 def compute_advantages(rewards, clip_max):
     """(n,) rewards of the whole epoch -> (n,) advantages: mean 0, std 1, clipped to +-clip_max.
 
-    The population std (as ddpo-pytorch's np.std), so a single image gets advantage 0, not NaN.
+    As the seed: torch's default std (n - 1). A single image has no spread to normalise by, and gets
+    advantage 0 (the seed's NaN there is a bug); equal rewards give 0 too.
     """
-    return ((rewards - rewards.mean()) / (rewards.std(correction=0) + 1e-8)).clamp(-clip_max, clip_max)
+    if rewards.numel() < 2:
+        return torch.zeros_like(rewards)
+    return ((rewards - rewards.mean()) / (rewards.std() + 1e-8)).clamp(-clip_max, clip_max)
 
 
-def halvings(most):
-    """most, then halved (rounding up) down to 1: 20 -> [20, 10, 5, 3, 2, 1]."""
-    counts = [most]
-    while counts[-1] > 1:
-        counts.append((counts[-1] + 1) // 2)
-    return counts
-
-
-def first_that_fits(attempt, candidates):
-    """The first candidate for which `attempt(candidate)` runs without the GPU running out of memory.
-
-    Raises torch.OutOfMemoryError if none does.
-    """
-    for candidate in candidates:
-        try:
-            attempt(candidate)
-            return candidate
-        except torch.OutOfMemoryError:
-            pass
-        # Out here the exception is gone, and with it the failed attempt's frames and tensors.
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    raise torch.OutOfMemoryError(f"none of {candidates} fits in GPU memory")
-
-
-def policy_gradient_backward(unet, scheduler, minibatch, positive_embeds, negative_embeds, guidance_scale, eta,
-                             clip_range, timesteps_per_call, backward=torch.Tensor.backward, no_sync=nullcontext):
-    """Accumulate the gradient of the minibatch's PPO loss, averaged over its samples and timesteps.
+def policy_gradient_backward(denoiser, minibatch, clip_range, timesteps_per_call, backward=torch.Tensor.backward,
+                             no_sync=nullcontext, sync=True):
+    """Accumulate the gradient of the minibatch's PPO loss as the seed does: summed over its timesteps,
+    averaged over its images.
 
     minibatch (b samples, k of their timesteps):
       latents, next_latents  (b, k, 4, h/8, w/8)   x_t and the x_{t-1} the sampler took
       log_probs              (b, k)                log-prob of that step when sampled
       timesteps              (b, k)
-      advantages             (b,)
-    `timesteps_per_call` timesteps of every sample go through the UNet together; each call's loss is
-    weighted by its share of the k timesteps, so the gradient is the same for any grouping. `no_sync`
-    is entered for all calls but the last (multi-GPU: gradients are all-reduced once).
-    Returns the mean loss, share of clipped ratios and approximate KL to the sampling policy.
+      advantages             (b,)                  already clipped
+    `timesteps_per_call` timesteps of every sample go through the UNet together; a call's loss, a mean
+    over its b x c terms, is weighted by c, so the gradient is the same for any grouping. `no_sync` is
+    entered for every call but the last when `sync`, for every call when not: with several processes
+    gradients are all-reduced once, by the last backward before an optimizer step.
+    Returns the loss, share of clipped ratios and approximate KL to the sampling policy, averaged over timesteps.
     """
     k = minibatch["log_probs"].shape[1]
     stats = {"loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0}
@@ -64,19 +42,18 @@ def policy_gradient_backward(unet, scheduler, minibatch, positive_embeds, negati
         # (b, c, ...) -> (b * c, ...), sample-major, as the advantages are repeated below
         chunk = {key: minibatch[key][:, start:start + c].flatten(0, 1)
                  for key in ("latents", "next_latents", "log_probs", "timesteps")}
-        noise_pred = guided_noise_pred(unet, chunk["latents"], chunk["timesteps"], positive_embeds, negative_embeds,
-                                       guidance_scale)
-        _, log_prob = ddim_step_with_logprob(scheduler, noise_pred, chunk["timesteps"], chunk["latents"], eta,
-                                             next_latents=chunk["next_latents"])
+        noise_pred = guided_noise_pred(denoiser, chunk["latents"], chunk["timesteps"])
+        _, log_prob = ddim_step_with_logprob(denoiser.scheduler, noise_pred, chunk["timesteps"], chunk["latents"],
+                                             denoiser.eta, next_latents=chunk["next_latents"])
         advantages = minibatch["advantages"].repeat_interleave(c)  # (b * c,)
         ratio = torch.exp(log_prob - chunk["log_probs"])
         pg_loss1 = -advantages * ratio
         pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
         loss = torch.maximum(pg_loss1, pg_loss2).mean()
-        weight = c / k
-        with nullcontext() if start + c == k else no_sync():
-            backward(loss * weight)
-        stats["loss"] += loss.detach() * weight
-        stats["clipfrac"] += ((ratio - 1.0).abs() > clip_range).float().mean() * weight
-        stats["approx_kl"] += (0.5 * (log_prob.detach() - chunk["log_probs"]) ** 2).mean() * weight
+        with nullcontext() if sync and start + c == k else no_sync():
+            backward(loss * c)
+        share = c / k
+        stats["loss"] += loss.detach() * share
+        stats["clipfrac"] += ((ratio - 1.0).abs() > clip_range).float().mean() * share
+        stats["approx_kl"] += (0.5 * (log_prob.detach() - chunk["log_probs"]) ** 2).mean() * share
     return {key: float(value) for key, value in stats.items()}  # one device sync per minibatch, not per call

@@ -8,6 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from utils.cli import UserError
 from utils.files import publish
 
 
@@ -44,6 +45,8 @@ def reward_model_metadata(path):
 
 def load_reward_model(path, device="cpu"):
     """The frozen reward model saved at `path`, in eval mode on `device`."""
+    if not os.path.isfile(path):
+        raise UserError(f"no reward model at {path}: train one first with `python train_reward.py`.")
     model = LatentRewardModel()
     model.load_state_dict(load_file(path))
     return model.to(device).eval().requires_grad_(False)

@@ -1,6 +1,7 @@
-"""Loading the pipeline, encoding prompts, and the DDPO sampling loop (DDIM + CFG, per-step log-probs)."""
+"""Loading the pipeline, the guided UNet, and the DDPO sampling loop (DDIM + CFG, per-step log-probs)."""
 
 import os
+from dataclasses import dataclass
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -20,40 +21,59 @@ def load_pipeline(checkpoint_path, device, dtype):
             f"No diffusers checkpoint at {checkpoint_path!r} (model_index.json missing): download SD1.5 there "
             "(see README), build a tiny one with `python -m utils.tiny_checkpoint models/checkpoint`, "
             "or pass --checkpoint_path=...")
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()  # a bar per component load; the stage draws its own bars
     transformers_logging.disable_progress_bar()
     pipeline = StableDiffusionPipeline.from_pretrained(
         checkpoint_path, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    schedule_on(pipeline.scheduler, device)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
 
 
+def schedule_on(scheduler, device):
+    """Keep the noise schedule where the latents are: DDIM steps then look it up without a host sync."""
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    return scheduler
+
+
+@dataclass
+class Denoiser:
+    """The UNet with everything a guided DDIM step needs besides the latents.
+
+    The embeddings are the prompt's and the negative prompt's, (1, 77, dim) each, computed once per run.
+    """
+    unet: torch.nn.Module
+    scheduler: DDIMScheduler
+    positive_embeds: torch.Tensor
+    negative_embeds: torch.Tensor
+    guidance_scale: float
+    eta: float
+
+
 @torch.no_grad()
 def encode_prompt(pipeline, prompt, negative_prompt, device):
-    """(positive, negative) text embeddings, each (1, 77, dim); computed once per run."""
-    positive, negative = pipeline.encode_prompt(prompt, device, 1, True, negative_prompt)
-    return positive, negative
+    """(positive, negative) text embeddings, each (1, 77, dim)."""
+    return pipeline.encode_prompt(prompt, device, num_images_per_prompt=1, do_classifier_free_guidance=True,
+                                  negative_prompt=negative_prompt)
 
 
-def guided_noise_pred(unet, latents, timesteps, positive_embeds, negative_embeds, guidance_scale):
+def guided_noise_pred(denoiser, latents, timesteps):
     """Classifier-free-guided noise prediction with the uncond and cond halves in one UNet call.
 
-    latents: (n, 4, h/8, w/8); timesteps: scalar or (n,); embeds: (1 or n, 77, dim).
+    latents: (n, 4, h/8, w/8); timesteps: scalar or (n,). Returns (n, 4, h/8, w/8) in fp32.
     """
     n = latents.shape[0]
     timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(n)
-    embeds = torch.cat([negative_embeds.expand(n, -1, -1), positive_embeds.expand(n, -1, -1)])
-    noise_pred = unet(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), encoder_hidden_states=embeds,
-                      return_dict=False)[0]
+    embeds = torch.cat([denoiser.negative_embeds.expand(n, -1, -1), denoiser.positive_embeds.expand(n, -1, -1)])
+    noise_pred = denoiser.unet(torch.cat([latents, latents]).to(embeds.dtype), torch.cat([timesteps, timesteps]),
+                               encoder_hidden_states=embeds, return_dict=False)[0]
     uncond, cond = noise_pred.float().chunk(2)
-    return uncond + guidance_scale * (cond - uncond)  # (n, 4, h/8, w/8), fp32
+    return uncond + denoiser.guidance_scale * (cond - uncond)
 
 
 @torch.no_grad()
-def sample_with_logprob(unet, scheduler, positive_embeds, negative_embeds, generators, height, width,
-                        num_inference_steps, guidance_scale, eta, progress=True):
+def sample_with_logprob(denoiser, generators, height, width, num_inference_steps, show_progress=False):
     """Sample one image per generator as StableDiffusionPipeline does, recording every DDIM step.
 
     Returns the sample record:
@@ -61,16 +81,15 @@ def sample_with_logprob(unet, scheduler, positive_embeds, negative_embeds, gener
       log_probs  (batch, steps)                   log p(x_{t-1} | x_t) under the sampling policy
       timesteps  (steps,)                          DDIM timesteps, descending
     """
-    device = positive_embeds.device
+    scheduler, device = denoiser.scheduler, denoiser.positive_embeds.device
     scheduler.set_timesteps(num_inference_steps, device=device)
-    shape = (len(generators), unet.config.in_channels, height // 8, width // 8)
-    latents = randn_tensor(shape, generator=generators, device=device, dtype=positive_embeds.dtype).float()
+    shape = (len(generators), denoiser.unet.config.in_channels, height // 8, width // 8)
+    latents = randn_tensor(shape, generator=generators, device=device, dtype=denoiser.positive_embeds.dtype).float()
     latents = latents * scheduler.init_noise_sigma
     all_latents, all_log_probs = [latents], []
-    for t in tqdm(scheduler.timesteps, desc="sampling", leave=False, disable=not progress):
-        noise_pred = guided_noise_pred(unet, latents.to(positive_embeds.dtype), t, positive_embeds, negative_embeds,
-                                       guidance_scale)
-        latents, log_prob = ddim_step_with_logprob(scheduler, noise_pred, t, latents, eta, generator=generators)
+    for t in tqdm(scheduler.timesteps, desc="sampling", leave=False, disable=not show_progress):
+        noise_pred = guided_noise_pred(denoiser, latents, t)
+        latents, log_prob = ddim_step_with_logprob(scheduler, noise_pred, t, latents, denoiser.eta, generator=generators)
         all_latents.append(latents)
         all_log_probs.append(log_prob)
     return {

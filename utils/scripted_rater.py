@@ -12,7 +12,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from utils.files import write_json_atomic
+from utils.files import MAX_SCORE, MIN_SCORE, write_json_atomic
 from utils.samples import latent_file, load_latent, round_images
 
 
@@ -23,17 +23,13 @@ def calibration_of(values):
 
 
 def scores_from_values(values, calibration=None):
-    """{name: value} -> {name: int score in -5..5}: standardised (by `calibration`, else over these values),
-    x2, rounded, clipped."""
+    """{name: value} -> {name: int score in -5..5}, standardised, doubled, rounded and clipped.
+
+    Standardised by `calibration` if given, else over these values.
+    """
     calibration = calibration or calibration_of(values)
-    return {name: int(np.clip(np.rint(2 * (value - calibration["mean"]) / calibration["std"]), -5, 5))
+    return {name: int(np.clip(np.rint(2 * (value - calibration["mean"]) / calibration["std"]), MIN_SCORE, MAX_SCORE))
             for name, value in values.items()}
-
-
-def _write(sample_folder, values, score_path, calibration=None):
-    scores = scores_from_values(values, calibration)
-    write_json_atomic(score_path or os.path.join(sample_folder, "scores.json"), scores)
-    return scores
 
 
 def brightness_values(sample_folder):
@@ -45,11 +41,6 @@ def brightness_values(sample_folder):
     return values
 
 
-def rate_by_brightness(sample_folder, score_path=None, calibration=None):
-    """Brighter images score higher. Returns the scores it wrote."""
-    return _write(sample_folder, brightness_values(sample_folder), score_path, calibration)
-
-
 def rate_by_latent_channel(sample_folder, channel=0, score_path=None):
     """Images whose saved final latent has a higher mean in `channel` score higher. Returns the scores.
 
@@ -57,4 +48,6 @@ def rate_by_latent_channel(sample_folder, channel=0, score_path=None):
     """
     values = {name: load_latent(latent_file(sample_folder, name))[channel].mean().item()
               for name in round_images(sample_folder)}
-    return _write(sample_folder, values, score_path)
+    scores = scores_from_values(values)
+    write_json_atomic(score_path or os.path.join(sample_folder, "scores.json"), scores)
+    return scores
