@@ -35,6 +35,7 @@ from utils.cli import SettingsError, parse_settings, trained_timesteps
 from train_policy import run_epoch
 from utils.lora import add_lora
 from utils.reward_model import LatentRewardModel
+from utils.precision import MixedPrecision, resolve_mixed_precision
 from utils.sampling import Denoiser, schedule_on
 from utils.training_calls import set_gradient_checkpointing
 
@@ -136,30 +137,29 @@ def build_models(arch, settings, device, dtype, scratch):
     return unet, schedule_on(sd15_scheduler(), device), embeds
 
 
-def measure(arch, settings, epochs, precision, memory_limit_gib=None):
+def measure(arch, settings, epochs, memory_limit_gib=None):
     """Run `epochs` of train_policy's own epoch (run_epoch) in this process; returns the figures."""
     from accelerate import Accelerator
 
     use_cuda = settings.device.startswith("cuda")
-    if precision == "auto":  # as train_policy: fp16 weights + autocast on cuda, fp32 on cpu
-        precision = "fp16" if use_cuda else "fp32"
-    accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=not use_cuda)
+    accelerator = Accelerator(cpu=not use_cuda)
     device, memory = accelerator.device, Memory(accelerator.device)
     if use_cuda and memory_limit_gib:  # behave as a smaller GPU: allocations past the limit raise out-of-memory
         torch.cuda.set_per_process_memory_fraction(
             min(1.0, memory_limit_gib * 2**30 / torch.cuda.get_device_properties(device).total_memory), device)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    precision = MixedPrecision.create(resolve_mixed_precision(settings.mixed_precision, device.type), device.type)
+    dtype = precision.weights_dtype
     with tempfile.TemporaryDirectory() as scratch:
         unet, scheduler, (positive, negative) = build_models(arch, settings, device, dtype, scratch)
     lora_parameters = add_lora(unet, settings.lora_rank)
     torch.manual_seed(0)
     reward_model = LatentRewardModel().to(device).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(lora_parameters, lr=settings.train_policy_learning_rate)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+    unet = accelerator.prepare(unet)
     sampler = Denoiser(accelerator.unwrap_model(unet), scheduler, positive, negative, settings.guidance_scale,
-                       settings.eta)
+                       settings.eta, precision.autocast)
     trainer = replace(sampler, unet=torch.compile(unet) if settings.train_compile else unet)
-    result = {"precision": precision, "unet_parameters": sum(p.numel() for p in sampler.unet.parameters()),
+    result = {"precision": precision.name, "unet_parameters": sum(p.numel() for p in sampler.unet.parameters()),
               "lora_parameters": sum(p.numel() for p in lora_parameters), "memory_after_load": memory.now(),
               "epochs": []}
     training_call = None
@@ -172,7 +172,7 @@ def measure(arch, settings, epochs, precision, memory_limit_gib=None):
             memory.reset_peak()
 
         memory.reset_peak()
-        epoch_result = run_epoch(settings, epoch, accelerator, sampler, trainer, optimizer, reward_model,
+        epoch_result = run_epoch(settings, epoch, accelerator, sampler, trainer, optimizer, precision, reward_model,
                                  training_call, after_sampling)
         training_peak = memory.peak()
         if training_call is None:  # as train_policy: the auto settings are resolved once, on the first epoch
@@ -213,17 +213,17 @@ def summarise(run, samples, steps, trained_steps):
     return figures
 
 
-def variants(settings, trained_steps, use_cuda, precision):
-    """The base run, then one run per speed/memory setting set each way: (name, settings overrides, precision)."""
-    runs = [("default", {}, precision)]
+def variants(settings, trained_steps, use_cuda):
+    """The base run, then one run per speed/memory setting set each way: (name, settings overrides)."""
+    runs = [("default", {})]
     for per_call in sorted({1, trained_steps} - {settings.train_timesteps_per_call}):
-        runs.append((f"train_timesteps_per_call={per_call}", {"train_timesteps_per_call": per_call}, precision))
+        runs.append((f"train_timesteps_per_call={per_call}", {"train_timesteps_per_call": per_call}))
     for checkpointing in [True, False]:
         if checkpointing != settings.train_gradient_checkpointing:
             runs.append((f"train_gradient_checkpointing={checkpointing}",
-                         {"train_gradient_checkpointing": checkpointing}, precision))
-    if use_cuda and precision != "fp32":
-        runs.append(("fp32", {}, "fp32"))
+                         {"train_gradient_checkpointing": checkpointing}))
+    if use_cuda and resolve_mixed_precision(settings.mixed_precision, "cuda") != "no":
+        runs.append(("mixed_precision=no", {"mixed_precision": "no"}))
     return runs
 
 
@@ -237,8 +237,6 @@ def main():
     parser.add_argument("--samples", type=int, default=16, help="images per epoch")
     parser.add_argument("--epochs", type=int, default=1, help="figures are those of the last epoch")
     parser.add_argument("--compare", action="store_true", help="also run with each speed/memory setting flipped")
-    parser.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
-                        help="weights and autocast; auto = as train_policy (fp16 on cuda, fp32 on cpu)")
     parser.add_argument("--memory_limit_gib", type=float,
                         help="cuda: act as a GPU with this much memory (e.g. 8), so auto settings choose as they would there")
     parser.add_argument("--peak_tflops", type=float,
@@ -258,7 +256,7 @@ def main():
         parser.error(str(error))
     use_cuda = settings.device.startswith("cuda")
     if args.child:  # one configuration, in its own process: figures as JSON on the last line of stdout
-        print(json.dumps(measure(args.arch, settings, args.epochs, args.precision, args.memory_limit_gib)))
+        print(json.dumps(measure(args.arch, settings, args.epochs, args.memory_limit_gib)))
         return
 
     # glibc keeps freed heap memory resident, so a CPU process's peak would count tensors long gone;
@@ -274,19 +272,17 @@ def main():
                           "MALLOC_MMAP_THRESHOLD_": env["MALLOC_MMAP_THRESHOLD_"],
                           "memory_limit_gib": args.memory_limit_gib},
               "settings": {name: getattr(settings, name) for name in (
-                  "lora_rank", "guidance_scale", "train_policy_batch_size", "train_optimizer_steps_per_epoch", "train_timestep_fraction",
-                  "train_timesteps_per_call", "train_gradient_checkpointing", "train_compile")},
+                  "lora_rank", "guidance_scale", "mixed_precision", "train_policy_batch_size", "train_optimizer_steps_per_epoch",
+                  "train_timestep_fraction", "train_timesteps_per_call", "train_gradient_checkpointing", "train_compile")},
               "runs": []}
-    runs = [("default", {}, args.precision)]
-    if args.compare:
-        runs = variants(settings, trained_steps, use_cuda, args.precision)
+    runs = variants(settings, trained_steps, use_cuda) if args.compare else [("default", {})]
     child_args = [f"--{name}={getattr(args, name)}" for name in ("arch", "height", "width", "device", "steps",
                                                                   "samples", "epochs", "memory_limit_gib")
                   if getattr(args, name) is not None] + overrides
     peak = report["machine"]["peak_tflops"]
-    for name, changed, precision in runs:
+    for name, changed in runs:
         command = [sys.executable, os.path.abspath(__file__), "--child", *child_args,
-                   *(f"--{k}={v}" for k, v in changed.items()), f"--precision={precision}"]
+                   *(f"--{k}={v}" for k, v in changed.items())]
         print(f"== {name}", file=sys.stderr, flush=True)
         child = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
         if child.returncode:  # e.g. out of memory: a result too, and the other runs still go

@@ -19,7 +19,8 @@ lora_path = "outputs/"  # LoRAs (diffusers and WebUI/kohya format), optimizer st
 
 # ---------------------------------------------------------------- model
 lora_rank = 32  # rank r of the UNet LoRA; lora_alpha = r, so WebUI applies it at scale 1
-device = "cuda" if torch.cuda.is_available() else "cpu"  # fp16 weights + fp32 LoRA on cuda, fp32 on cpu
+device = "cuda" if torch.cuda.is_available() else "cpu"
+mixed_precision = "auto"  # training: "fp16" (the seed's; auto on cuda), "bf16" (no overflow, Ampere+), "no" (fp32; auto on cpu)
 attention_backend = "sdpa"  # "sdpa" (PyTorch's fused attention) or "xformers" (if installed)
 
 # ---------------------------------------------------------------- generation (stage 1, and the policy's sampler)

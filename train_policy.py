@@ -15,8 +15,10 @@ score them, then backpropagate every image (train_policy_batch_size per forward/
 trained timestep, the gradients accumulating into train_optimizer_steps_per_epoch AdamW steps (1).
 """
 
+import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 
 import torch
@@ -27,10 +29,12 @@ from tqdm.auto import tqdm
 from utils.cli import UserError, images_per_epoch, run_stage, trained_timesteps, validate_settings
 from utils.ddpo import compute_advantages, policy_gradient_backward
 from utils.files import publish
-from utils.lora import add_lora, latest_lora, load_lora_into_unet, save_lora
+from utils.lora import add_lora, save_lora
 from utils.metrics import append_jsonl, contact_sheet, plot_curves, read_jsonl
 from utils.reward_model import load_reward_model
 from utils.sampling import Denoiser, decode_latents, encode_prompt, load_pipeline, sample_with_logprob
+from utils.precision import MixedPrecision, gradients_are_finite, resolve_mixed_precision
+from utils.run_state import STATE_FILE, lora_is_finite, resume_training, save_run_state
 from utils.training_calls import fit_training_calls, training_call_candidates
 
 USED_SETTINGS = ["checkpoint_path", "reward_model_path", "lora_path", "lora_rank", "device", "attention_backend",
@@ -39,7 +43,8 @@ USED_SETTINGS = ["checkpoint_path", "reward_model_path", "lora_path", "lora_rank
                  "train_sample_num_batches_per_epoch", "train_policy_batch_size", "train_optimizer_steps_per_epoch",
                  "train_policy_learning_rate", "train_adv_clip_max", "train_clip_range", "train_timestep_fraction",
                  "train_timesteps_per_call", "train_gradient_checkpointing", "train_offload_frozen", "train_compile",
-                 "train_preview_seeds", "seed"]
+                 "train_preview_seeds", "mixed_precision", "seed"]
+SKIPPED_STEPS_TO_STOP = 3  # optimizer steps in a row whose loss or gradients were not finite
 
 
 def image_seeds(seed, epoch, count):
@@ -81,35 +86,62 @@ def training_minibatches(samples, advantages, batch_size, timestep_fraction, gen
             for start in range(0, n, batch_size)]
 
 
-def train_epoch(accelerator, trainer, optimizer, minibatches, clip_range, timesteps_per_call, optimizer_steps,
-                show_progress=False):
-    """PPO over the minibatches, their gradients summed into `optimizer_steps` AdamW steps; returns mean stats."""
+def train_epoch(trainer, optimizer, minibatches, clip_range, timesteps_per_call, optimizer_steps, precision,
+                no_sync=nullcontext, reduce=lambda gradients: gradients, show_progress=False):
+    """PPO over the minibatches, their gradients summed into `optimizer_steps` AdamW steps.
+
+    Every backward runs in `no_sync` (accelerate's: no all-reduce per backward); `reduce` then averages
+    each step's summed gradients over the processes, once. Returns the mean loss, clipfrac and
+    approx_kl, and each step's outcome in "steps": "ok", or why it was skipped: "nonfinite_loss", or
+    "nonfinite_gradient" (the loss was finite: an overflow, or a diverging model).
+    """
     trainer.unet.train()
-    means = {"loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0}
+    parameters = [p for p in trainer.unet.parameters() if p.requires_grad]
+    means, outcomes = {"loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0}, []
     per_step = len(minibatches) // optimizer_steps
     bar = tqdm(total=len(minibatches), desc="training", leave=False, disable=not show_progress)
     for first in range(0, len(minibatches), per_step):
-        for index in range(first, first + per_step):
-            stats = policy_gradient_backward(trainer, minibatches[index], clip_range, timesteps_per_call,
-                                             backward=accelerator.backward,
-                                             no_sync=lambda: accelerator.no_sync(trainer.unet),
-                                             sync=index == first + per_step - 1)
+        total = [torch.zeros_like(p) for p in parameters]  # the step's gradient, fp32 like the LoRA
+        loss_is_finite = gradient_is_finite = True
+        for minibatch in minibatches[first:first + per_step]:
+            with no_sync():
+                stats, finite = precision.accumulate(
+                    lambda: policy_gradient_backward(trainer, minibatch, clip_range, timesteps_per_call,
+                                                     precision.backward), parameters, total)
+            loss_is_finite &= math.isfinite(stats["loss"])
+            gradient_is_finite &= finite
             for key in means:
                 means[key] += stats[key] / len(minibatches)
             bar.update()
-        optimizer.step()
+        for p, summed in zip(parameters, reduce(total)):
+            p.grad = summed
+        if gradient_is_finite and gradients_are_finite(parameters):  # reduced: every process decides alike
+            optimizer.step()
+            outcomes.append("ok")
+        else:
+            outcomes.append("nonfinite_gradient" if loss_is_finite else "nonfinite_loss")
         optimizer.zero_grad(set_to_none=True)
     bar.close()
-    return means
+    return {**means, "steps": outcomes}
 
 
-def run_epoch(settings, epoch, accelerator, sampler, trainer, optimizer, reward_model, training_call=None,
+def mean_over_processes(accelerator):
+    """Average a list of gradients over the processes in one all-reduce."""
+    def reduce(gradients):
+        if accelerator.num_processes == 1:
+            return gradients
+        flat = accelerator.reduce(torch.cat([g.flatten() for g in gradients]), "mean")
+        return [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in gradients]), gradients)]
+    return reduce
+
+
+def run_epoch(settings, epoch, accelerator, sampler, trainer, optimizer, precision, reward_model, training_call=None,
               after_sampling=lambda: None):
     """One epoch: SAMPLING, advantages over every process's rewards, TRAINING.
 
     `training_call` (checkpointing, timesteps per call) is fitted on this epoch's samples when None.
     `after_sampling` runs between the phases (the benchmark reads memory there).
-    Returns {"rewards" (all images,), "stats", "training_call", "seconds", "cpu_seconds"} (per phase).
+    Returns {"rewards" (all images,), "stats", "steps" (outcomes), "training_call", "seconds", "cpu_seconds"}.
     """
     synchronize = torch.cuda.synchronize if accelerator.device.type == "cuda" else lambda: None
     clocks = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -136,15 +168,18 @@ def run_epoch(settings, epoch, accelerator, sampler, trainer, optimizer, reward_
         candidates = training_call_candidates(settings.train_gradient_checkpointing, settings.train_timesteps_per_call,
                                               minibatches[0]["log_probs"].shape[1])
         training_call = fit_training_calls(accelerator, trainer, optimizer, minibatches[0], candidates,
-                                           settings.train_clip_range)
-    stats = train_epoch(accelerator, trainer, optimizer, minibatches, settings.train_clip_range, training_call[1],
-                        settings.train_optimizer_steps_per_epoch, accelerator.is_main_process)
+                                           settings.train_clip_range, precision.backward)
+    stats = train_epoch(trainer, optimizer, minibatches, settings.train_clip_range, training_call[1],
+                        settings.train_optimizer_steps_per_epoch, precision,
+                        lambda: accelerator.no_sync(trainer.unet), mean_over_processes(accelerator),
+                        accelerator.is_main_process)
+    steps = stats.pop("steps")
     # Each process trained on its share of the images: log the mean over all of them.
     stats = {key: accelerator.reduce(torch.tensor(value, device=accelerator.device), "mean").item()
              for key, value in stats.items()}
     synchronize()
     trained = {name: clock() for name, clock in clocks.items()}
-    return {"rewards": all_rewards, "stats": stats, "training_call": training_call,
+    return {"rewards": all_rewards, "stats": stats, "steps": steps, "training_call": training_call,
             "seconds": {"sampling": sampled["wall"] - started["wall"], "training": trained["wall"] - sampled["wall"]},
             "cpu_seconds": {"sampling": sampled["cpu"] - started["cpu"], "training": trained["cpu"] - sampled["cpu"]}}
 
@@ -174,18 +209,33 @@ def preview_seeds(text):
         raise UserError(f"train_preview_seeds must be whole numbers separated by commas (got {text!r}).") from None
 
 
+def save_epoch(settings, epoch, pipeline, sampler, optimizer, reward_model, seeds_to_preview):
+    """The epoch's files, the diffusers LoRA last: resume and generate find an epoch by it, so a save
+    that a kill interrupts is not taken for complete (and the next run writes it again)."""
+    optimizer_path = os.path.join(settings.lora_path, f"optimizer_epoch_{epoch}.pt")
+    torch.save(optimizer.state_dict(), optimizer_path + ".tmp")
+    publish(optimizer_path + ".tmp", optimizer_path)
+    written = [optimizer_path]
+    if seeds_to_preview:
+        written.append(os.path.join(settings.lora_path, f"preview_epoch_{epoch}.png"))
+        save_preview(written[-1], pipeline, sampler, reward_model, seeds_to_preview, epoch, settings.height,
+                     settings.width, settings.num_inference_steps)
+    return [*save_lora(sampler.unet, settings.lora_path, epoch), *written]
+
+
 def main(settings):
     use_cuda = settings.device.startswith("cuda")
-    accelerator = Accelerator(mixed_precision="fp16" if use_cuda else "no", cpu=not use_cuda)
+    accelerator = Accelerator(cpu=not use_cuda)  # processes and devices; precision is utils/precision.py's
     validate_settings(settings, accelerator.num_processes)
     seeds_to_preview = preview_seeds(settings.train_preview_seeds)
     reward_model = load_reward_model(settings.reward_model_path, accelerator.device)
     set_seed(settings.seed)
     device = accelerator.device
+    precision = MixedPrecision.create(resolve_mixed_precision(settings.mixed_precision, device.type), device.type)
 
     # ---------------------------------------------------------------- MODELS
-    # Frozen weights in fp16 on the GPU (half the memory), LoRA in fp32; autocast + grad scaling via accelerate.
-    pipeline = load_pipeline(settings.checkpoint_path, device, torch.float16 if use_cuda else torch.float32)
+    # Frozen weights in the half dtype (half the memory), LoRA in fp32, autocast around every UNet call.
+    pipeline = load_pipeline(settings.checkpoint_path, device, precision.weights_dtype)
     unet = pipeline.unet
     if settings.attention_backend == "xformers":
         try:
@@ -200,38 +250,36 @@ def main(settings):
     pipeline.vae.enable_slicing()  # previews decode one image at a time: the same images in a fraction of the memory
     optimizer = torch.optim.AdamW(lora_parameters, lr=settings.train_policy_learning_rate)
 
-    first_epoch = 1
     os.makedirs(settings.lora_path, exist_ok=True)
-    resume_epoch, resume_path = latest_lora(settings.lora_path)
-    if resume_path:
-        load_lora_into_unet(unet, resume_path)
-        optimizer_path = os.path.join(settings.lora_path, f"optimizer_epoch_{resume_epoch}.pt")
-        if os.path.isfile(optimizer_path):
-            optimizer.load_state_dict(torch.load(optimizer_path, map_location="cpu", weights_only=True))
-            for group in optimizer.param_groups:  # load_state_dict restores the saved run's learning rate
-                group["lr"] = settings.train_policy_learning_rate
-        first_epoch = resume_epoch + 1
-        accelerator.print(f"resuming from {resume_path}: epoch {first_epoch} of {settings.train_policy_num_epochs}")
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+    metrics_path = os.path.join(settings.lora_path, "policy_metrics.jsonl")
+    first_epoch = resume_training(settings.lora_path, unet, optimizer, precision, metrics_path, accelerator.print)
+    for group in optimizer.param_groups:  # a loaded optimizer state brings the saved run's learning rate
+        group["lr"] = settings.train_policy_learning_rate
+    unet = accelerator.prepare(unet)
     # Sampling needs no gradient sync between processes: it calls the unwrapped UNet.
     sampler = Denoiser(accelerator.unwrap_model(unet), pipeline.scheduler, positive, negative,
-                       settings.guidance_scale, settings.eta)
+                       settings.guidance_scale, settings.eta, precision.autocast)
     trainer = replace(sampler, unet=torch.compile(unet) if settings.train_compile else unet)
+    if first_epoch > 1 and is_save_epoch(settings, first_epoch - 1) and accelerator.is_main_process and \
+            not os.path.isfile(os.path.join(settings.lora_path, f"diffusers_lora_epoch_{first_epoch - 1}.safetensors")):
+        paths = save_epoch(settings, first_epoch - 1, pipeline, sampler, optimizer, reward_model, seeds_to_preview)
+        accelerator.print(f"completed the interrupted save of epoch {first_epoch - 1}: {', '.join(paths)}")
 
     per_process = images_per_epoch(settings) // accelerator.num_processes
-    minibatches = per_process // settings.train_policy_batch_size
     accelerator.print(
         f"{images_per_epoch(settings)} images per epoch ({settings.train_sample_num_batches_per_epoch} x "
         f"{settings.train_sample_batch_size}) on {accelerator.num_processes} process(es); per process "
-        f"{minibatches} forward/backward passes of {settings.train_policy_batch_size} image(s) x "
+        f"{per_process // settings.train_policy_batch_size} forward/backward passes of "
+        f"{settings.train_policy_batch_size} image(s) x "
         f"{trained_timesteps(settings.num_inference_steps, settings.train_timestep_fraction)} timesteps, "
-        f"accumulated into {settings.train_optimizer_steps_per_epoch} optimizer step(s)")
-    metrics_path = os.path.join(settings.lora_path, "policy_metrics.jsonl")
+        f"accumulated into {settings.train_optimizer_steps_per_epoch} optimizer step(s); precision {precision.name}")
     run_started = time.strftime("%Y-%m-%d %H:%M:%S")  # in each metrics record: the plot marks where a run resumed
     training_call = None  # (gradient checkpointing, timesteps per UNet call), fitted on the first epoch's samples
+    skipped_in_a_row = 0
 
     for epoch in range(first_epoch, settings.train_policy_num_epochs + 1):
-        result = run_epoch(settings, epoch, accelerator, sampler, trainer, optimizer, reward_model, training_call)
+        result = run_epoch(settings, epoch, accelerator, sampler, trainer, optimizer, precision, reward_model,
+                           training_call)
         if training_call is None:
             training_call = result["training_call"]
             accelerator.print(
@@ -239,40 +287,61 @@ def main(settings):
                 f"{' (auto)' if not settings.train_timesteps_per_call else ''}, gradient checkpointing "
                 f"{'on' if training_call[0] else 'off'}"
                 f"{' (auto)' if settings.train_gradient_checkpointing == 'auto' else ''}")
+        skipped_in_a_row = count_skipped_steps(skipped_in_a_row, result["steps"], precision, epoch)
 
         # ---------------------------------------------------------------- LOG and SAVE
         rewards, stats, seconds = result["rewards"], result["stats"], result["seconds"]
         metrics = {"run": run_started, "epoch": epoch, "reward_mean": rewards.mean().item(),
                    "reward_std": rewards.std(correction=0).item(), **stats,
+                   "skipped_steps": sum(outcome != "ok" for outcome in result["steps"]),
+                   **({"loss_scale": precision.loss_scale} if precision.name == "fp16" else {}),
                    "sampling_seconds": seconds["sampling"], "training_seconds": seconds["training"]}
         if accelerator.is_main_process:
+            if not lora_is_finite(sampler.unet):
+                raise UserError(f"the LoRA's weights are not finite after epoch {epoch}; nothing of this epoch was "
+                                f"saved. Lower train_policy_learning_rate or set mixed_precision=no, then rerun.")
             append_jsonl(metrics_path, metrics)
             plot_curves(os.path.join(settings.lora_path, "policy_metrics.png"), read_jsonl(metrics_path), "epoch",
                         [("reward of the epoch's images", [("reward_mean", "reward_std")]), ("PPO loss", ["loss"]),
                          ("seconds", ["sampling_seconds", "training_seconds"]),
                          ("share of clipped ratios", ["clipfrac"]), ("approx. KL to the sampling policy", ["approx_kl"])],
                         f"DDPO: {settings.prompt}")
+            save_run_state(os.path.join(settings.lora_path, STATE_FILE), epoch, sampler.unet, optimizer, precision,
+                           metrics_path)
         accelerator.print(
             f"epoch {epoch}: reward {metrics['reward_mean']:.4f} ± {metrics['reward_std']:.4f}, "
             f"loss {stats['loss']:.4g}, clipfrac {stats['clipfrac']:.3f}, kl {stats['approx_kl']:.2e}, "
-            f"sampling {seconds['sampling']:.1f}s, training {seconds['training']:.1f}s")
-        if epoch % settings.train_save_freq == 0 or epoch == settings.train_policy_num_epochs:
+            f"sampling {seconds['sampling']:.1f}s, training {seconds['training']:.1f}s"
+            + (f", {metrics['skipped_steps']} step(s) skipped (not finite)" if metrics["skipped_steps"] else ""))
+        if is_save_epoch(settings, epoch):
             if accelerator.is_main_process:
-                paths = save_lora(sampler.unet, settings.lora_path, epoch)
-                optimizer_path = os.path.join(settings.lora_path, f"optimizer_epoch_{epoch}.pt")
-                torch.save(optimizer.state_dict(), optimizer_path + ".tmp")
-                publish(optimizer_path + ".tmp", optimizer_path)
-                saved = f"saved {paths[0]}, {paths[1]}"
-                if seeds_to_preview:
-                    preview = os.path.join(settings.lora_path, f"preview_epoch_{epoch}.png")
-                    save_preview(preview, pipeline, sampler, reward_model, seeds_to_preview, epoch, settings.height,
-                                 settings.width, settings.num_inference_steps)
-                    saved += f", preview {preview}"
-                accelerator.print(saved)
+                paths = save_epoch(settings, epoch, pipeline, sampler, optimizer, reward_model, seeds_to_preview)
+                accelerator.print(f"saved {', '.join(paths)}")
             accelerator.wait_for_everyone()
     if first_epoch > settings.train_policy_num_epochs:
-        accelerator.print(f"nothing to do: epoch {resume_epoch} is saved and train_policy_num_epochs is "
+        accelerator.print(f"nothing to do: epoch {first_epoch - 1} is done and train_policy_num_epochs is "
                           f"{settings.train_policy_num_epochs}; raise it to train on.")
+
+
+def is_save_epoch(settings, epoch):
+    return epoch % settings.train_save_freq == 0 or epoch == settings.train_policy_num_epochs
+
+
+def count_skipped_steps(in_a_row, outcomes, precision, epoch):
+    """Skipped steps in a row after this epoch's; too many stop the run with the cause and what to change.
+
+    Every process decides a step on the same all-reduced gradient, so all count alike.
+    """
+    for outcome in outcomes:
+        in_a_row = 0 if outcome == "ok" else in_a_row + 1
+    if in_a_row >= SKIPPED_STEPS_TO_STOP:
+        cause = "loss was" if "nonfinite_loss" in outcomes else "gradients were"
+        advice = ("set mixed_precision=bf16 (if the GPU has it) or mixed_precision=no"
+                  if precision.name == "fp16" else "lower train_policy_learning_rate")
+        raise UserError(f"the {cause} not finite in {in_a_row} optimizer steps in a row (up to epoch {epoch}, "
+                        f"mixed_precision={precision.name}); they were skipped and nothing non-finite was saved: "
+                        f"{advice}, then rerun to resume.")
+    return in_a_row
 
 
 if __name__ == "__main__":

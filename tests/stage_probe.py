@@ -28,8 +28,8 @@ def record(probe_dir, entry):
 def probe_train_policy(stage, probe_dir):
     train_epoch = stage.train_epoch
 
-    def recorded(accelerator, trainer, *args, **kwargs):
-        means = train_epoch(accelerator, trainer, *args, **kwargs)
+    def recorded(trainer, *args, **kwargs):
+        means = train_epoch(trainer, *args, **kwargs)
         digest = hashlib.sha256()
         for name, parameter in sorted(trainer.unet.named_parameters()):
             if parameter.requires_grad:

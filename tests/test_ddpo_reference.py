@@ -22,11 +22,11 @@ from dataclasses import replace
 
 import pytest
 import torch
-from accelerate import Accelerator
 
 from train_policy import train_epoch, training_minibatches
 from utils.ddpo import compute_advantages
 from utils.lora import add_lora
+from utils.precision import MixedPrecision
 from utils.sampling import Denoiser, sample_with_logprob
 from utils.tiny_checkpoint import CROSS_ATTENTION_DIM, sd15_scheduler, tiny_unet
 
@@ -112,8 +112,8 @@ def ours(denoiser, samples, rewards, optimizer_name, batch_size, timesteps_per_c
     optimizer = OPTIMIZERS[optimizer_name]([p for p in trainer.unet.parameters() if p.requires_grad])
     minibatches = training_minibatches(samples, compute_advantages(rewards, ADV_CLIP_MAX), batch_size, 1.0,
                                        torch.Generator().manual_seed(SHUFFLE_SEED))
-    train_epoch(Accelerator(cpu=True), trainer, optimizer, minibatches, CLIP_RANGE, timesteps_per_call,
-                steps_per_epoch)
+    train_epoch(trainer, optimizer, minibatches, CLIP_RANGE, timesteps_per_call, steps_per_epoch,
+                MixedPrecision.create("no", "cpu"))
     return lora_weights(trainer.unet)
 
 

@@ -51,7 +51,7 @@ def metrics(folder):
 
 
 def saved_files(epochs):
-    names = {"policy_metrics.jsonl", "policy_metrics.png"}
+    names = {"policy_metrics.jsonl", "policy_metrics.png", "resume_state.pt"}
     for epoch in epochs:
         names |= {f"diffusers_lora_epoch_{epoch}.safetensors", f"ui_lora_epoch_{epoch}.safetensors",
                   f"optimizer_epoch_{epoch}.pt", f"preview_epoch_{epoch}.png"}
@@ -104,7 +104,7 @@ def test_two_processes_resume(two_process_run, tiny_checkpoint, reward_model, tm
     folder, _, _ = two_process_run
     result = launch("train_policy", tmp_path, f"--reward_model_path={reward_model}", "--train_policy_num_epochs=3",
                     *POLICY, cwd=folder, checkpoint=tiny_checkpoint)
-    assert result.stdout.count("resuming from") == 1
+    assert result.stdout.count("resuming after epoch 2") == 1
     assert set(os.listdir(folder / "outputs")) == saved_files([1, 2, 3])
     assert [m["epoch"] for m in metrics(folder)] == [1, 2, 3]
     rank0, rank1 = probed(tmp_path)

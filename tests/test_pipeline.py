@@ -30,7 +30,7 @@ UMASK = os.umask(0o022)
 os.umask(UMASK)
 RATED_ROUND = 480  # a reward CNN needs a few hundred ratings to learn the rule; 2-step images are cheap
 REWARD_EPOCHS = 20
-# a learning rate far above a real run's, so that 2 epochs of 2 steps move the images measurably
+# a learning rate far above a real run's, so that 2 epochs of one optimizer step move the images measurably
 POLICY = ["--train_save_freq=1", "--train_sample_batch_size=2", "--train_sample_num_batches_per_epoch=2",
           "--train_policy_batch_size=2", "--train_policy_learning_rate=1e-1", "--train_preview_seeds=0,1"]
 
@@ -258,7 +258,7 @@ def test_train_policy_run_again_resumes_at_the_next_epoch_and_keeps_earlier_file
     before = snapshot(outputs)
     # learning rate 0: epoch 3 then ends exactly where it started, which shows where that was
     result = run("train_policy", "--train_policy_num_epochs=3", *POLICY, "--train_policy_learning_rate=0")
-    assert f"resuming from {outputs / 'diffusers_lora_epoch_2.safetensors'}: epoch 3 of 3" in result.stdout
+    assert f"resuming after epoch 2 from {outputs / 'resume_state.pt'}" in result.stdout
     assert "epoch 3: reward" in result.stdout
     assert "epoch 1: reward" not in result.stdout and "epoch 2: reward" not in result.stdout
     after = snapshot(outputs)
@@ -269,9 +269,9 @@ def test_train_policy_run_again_resumes_at_the_next_epoch_and_keeps_earlier_file
         assert name in after
     with open(outputs / "policy_metrics.jsonl") as f:
         assert [json.loads(line)["epoch"] for line in f] == [1, 2, 3]
-    # epoch 3 started from epoch 2's LoRA and optimizer state (2 steps an epoch), not from fresh ones
+    # epoch 3 started from epoch 2's LoRA and optimizer state (one step an epoch, the seed's), not from fresh ones
     second, third = (load_file(outputs / f"diffusers_lora_epoch_{e}.safetensors") for e in (2, 3))
     assert second.keys() == third.keys() and all(torch.equal(second[k], third[k]) for k in second)
     steps = {e: torch.load(outputs / f"optimizer_epoch_{e}.pt", weights_only=True)["state"][0]["step"].item()
              for e in (1, 2, 3)}
-    assert steps == {1: 2, 2: 4, 3: 6}
+    assert steps == {1: 1, 2: 2, 3: 3}

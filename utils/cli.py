@@ -165,6 +165,8 @@ def validate_settings(s, num_processes=1):
         raise SettingsError(f"train_reward_test_split_ratio must be in [0, 1) (got {s.train_reward_test_split_ratio}).")
     if s.train_clip_range <= 0 or s.train_adv_clip_max <= 0:
         raise SettingsError("train_clip_range and train_adv_clip_max must be > 0.")
+    if s.mixed_precision not in ("auto", "fp16", "bf16", "no"):
+        raise SettingsError(f"mixed_precision must be auto, fp16, bf16 or no (got {s.mixed_precision!r}).")
     if s.attention_backend not in ("sdpa", "xformers"):
         raise SettingsError(f"attention_backend must be 'sdpa' or 'xformers' (got {s.attention_backend!r}).")
     if not s.device.startswith(("cuda", "cpu", "mps")):

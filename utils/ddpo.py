@@ -1,7 +1,5 @@
 """DDPO's learning rule: advantages from rewards, and PPO's clipped loss over a sample's DDIM steps."""
 
-from contextlib import nullcontext
-
 import torch
 
 from utils.ddim import ddim_step_with_logprob
@@ -19,8 +17,7 @@ def compute_advantages(rewards, clip_max):
     return ((rewards - rewards.mean()) / (rewards.std() + 1e-8)).clamp(-clip_max, clip_max)
 
 
-def policy_gradient_backward(denoiser, minibatch, clip_range, timesteps_per_call, backward=torch.Tensor.backward,
-                             no_sync=nullcontext, sync=True):
+def policy_gradient_backward(denoiser, minibatch, clip_range, timesteps_per_call, backward=torch.Tensor.backward):
     """Accumulate the gradient of the minibatch's PPO loss as the seed does: summed over its timesteps,
     averaged over its images.
 
@@ -30,9 +27,7 @@ def policy_gradient_backward(denoiser, minibatch, clip_range, timesteps_per_call
       timesteps              (b, k)
       advantages             (b,)                  already clipped
     `timesteps_per_call` timesteps of every sample go through the UNet together; a call's loss, a mean
-    over its b x c terms, is weighted by c, so the gradient is the same for any grouping. `no_sync` is
-    entered for every call but the last when `sync`, for every call when not: with several processes
-    gradients are all-reduced once, by the last backward before an optimizer step.
+    over its b x c terms, is weighted by c, so the gradient is the same for any grouping.
     Returns the loss, share of clipped ratios and approximate KL to the sampling policy, averaged over timesteps.
     """
     k = minibatch["log_probs"].shape[1]
@@ -50,8 +45,7 @@ def policy_gradient_backward(denoiser, minibatch, clip_range, timesteps_per_call
         pg_loss1 = -advantages * ratio
         pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
         loss = torch.maximum(pg_loss1, pg_loss2).mean()
-        with nullcontext() if sync and start + c == k else no_sync():
-            backward(loss * c)
+        backward(loss * c)
         share = c / k
         stats["loss"] += loss.detach() * share
         stats["clipfrac"] += ((ratio - 1.0).abs() > clip_range).float().mean() * share

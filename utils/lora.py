@@ -25,10 +25,6 @@ def add_lora(unet, rank):
     return [p for p in unet.parameters() if p.requires_grad]
 
 
-def lora_alpha(unet):
-    return unet.peft_config["default"].lora_alpha
-
-
 def kohya_state_dict(peft_state_dict, alpha):
     """peft keys -> the keys WebUI and ComfyUI read for an SD1.5 UNet LoRA, fp16.
 
@@ -54,33 +50,23 @@ def save_lora(unet, folder, epoch):
     state = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(unet).items()}
     diffusers_path = os.path.join(folder, f"diffusers_lora_epoch_{epoch}.safetensors")
     ui_path = os.path.join(folder, f"ui_lora_epoch_{epoch}.safetensors")
+    save_file(kohya_state_dict(state, unet.peft_config["default"].lora_alpha), ui_path + ".tmp",
+              metadata={"ss_network_module": "networks.lora"})
+    publish(ui_path + ".tmp", ui_path)
+    # Last: resume and generate know a saved epoch by this file, so an interrupted save is not complete.
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=state, weight_name=f".diffusers_lora_epoch_{epoch}.tmp",
                                               unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
     publish(os.path.join(folder, f".diffusers_lora_epoch_{epoch}.tmp"), diffusers_path)
-    save_file(kohya_state_dict(state, lora_alpha(unet)), ui_path + ".tmp", metadata={"ss_network_module": "networks.lora"})
-    publish(ui_path + ".tmp", ui_path)
     return diffusers_path, ui_path
-
-
-def saved_loras(folder):
-    """{epoch: path} of the diffusers-format LoRAs in `folder`."""
-    if not os.path.isdir(folder):
-        return {}
-    found = {}
-    for name in os.listdir(folder):
-        match = DIFFUSERS_NAME.match(name)
-        if match:
-            found[int(match.group(1))] = os.path.join(folder, name)
-    return found
 
 
 def latest_lora(folder):
     """(epoch, path) of the newest diffusers-format LoRA in `folder`, or (0, None)."""
-    found = saved_loras(folder)
+    found = {int(m.group(1)): os.path.join(folder, m.group(0))
+             for m in map(DIFFUSERS_NAME.match, os.listdir(folder) if os.path.isdir(folder) else []) if m}
     if not found:
         return 0, None
-    epoch = max(found)
-    return epoch, found[epoch]
+    return max(found), found[max(found)]
 
 
 def load_lora_into_unet(unet, path):

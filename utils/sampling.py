@@ -1,7 +1,9 @@
 """Loading the pipeline, the guided UNet, and the DDPO sampling loop (DDIM + CFG, per-step log-probs)."""
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Callable, ContextManager
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -42,6 +44,7 @@ class Denoiser:
     """The UNet with everything a guided DDIM step needs besides the latents.
 
     The embeddings are the prompt's and the negative prompt's, (1, 77, dim) each, computed once per run.
+    `autocast` is entered around every UNet call (utils/precision.py: mixed precision).
     """
     unet: torch.nn.Module
     scheduler: DDIMScheduler
@@ -49,6 +52,7 @@ class Denoiser:
     negative_embeds: torch.Tensor
     guidance_scale: float
     eta: float
+    autocast: Callable[[], ContextManager] = nullcontext
 
 
 @torch.no_grad()
@@ -66,8 +70,9 @@ def guided_noise_pred(denoiser, latents, timesteps):
     n = latents.shape[0]
     timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(n)
     embeds = torch.cat([denoiser.negative_embeds.expand(n, -1, -1), denoiser.positive_embeds.expand(n, -1, -1)])
-    noise_pred = denoiser.unet(torch.cat([latents, latents]).to(embeds.dtype), torch.cat([timesteps, timesteps]),
-                               encoder_hidden_states=embeds, return_dict=False)[0]
+    with denoiser.autocast():
+        noise_pred = denoiser.unet(torch.cat([latents, latents]).to(embeds.dtype), torch.cat([timesteps, timesteps]),
+                                   encoder_hidden_states=embeds, return_dict=False)[0]
     uncond, cond = noise_pred.float().chunk(2)
     return uncond + denoiser.guidance_scale * (cond - uncond)
 

@@ -57,7 +57,7 @@ def set_gradient_checkpointing(unet, on):
     unet.enable_gradient_checkpointing() if on else unet.disable_gradient_checkpointing()
 
 
-def fit_training_calls(accelerator, trainer, optimizer, minibatch, candidates, clip_range):
+def fit_training_calls(accelerator, trainer, optimizer, minibatch, candidates, clip_range, backward):
     """The first of `candidates` whose training call fits, tried on `minibatch`: (checkpointing, per call).
 
     The probe's gradient is thrown away. Every process then takes the latest candidate any of them
@@ -73,7 +73,7 @@ def fit_training_calls(accelerator, trainer, optimizer, minibatch, candidates, c
         trainer.unet.train()
         try:
             with accelerator.no_sync(trainer.unet):
-                policy_gradient_backward(trainer, minibatch, clip_range, count, backward=accelerator.backward)
+                policy_gradient_backward(trainer, minibatch, clip_range, count, backward)
         finally:
             optimizer.zero_grad(set_to_none=True)
 
