@@ -287,7 +287,6 @@ def main(settings):
                 f"{' (auto)' if not settings.train_timesteps_per_call else ''}, gradient checkpointing "
                 f"{'on' if training_call[0] else 'off'}"
                 f"{' (auto)' if settings.train_gradient_checkpointing == 'auto' else ''}")
-        skipped_in_a_row = count_skipped_steps(skipped_in_a_row, result["steps"], precision, epoch)
 
         # ---------------------------------------------------------------- LOG and SAVE
         rewards, stats, seconds = result["rewards"], result["stats"], result["seconds"]
@@ -313,6 +312,7 @@ def main(settings):
             f"loss {stats['loss']:.4g}, clipfrac {stats['clipfrac']:.3f}, kl {stats['approx_kl']:.2e}, "
             f"sampling {seconds['sampling']:.1f}s, training {seconds['training']:.1f}s"
             + (f", {metrics['skipped_steps']} step(s) skipped (not finite)" if metrics["skipped_steps"] else ""))
+        skipped_in_a_row = count_skipped_steps(skipped_in_a_row, result["steps"], precision, epoch)
         if is_save_epoch(settings, epoch):
             if accelerator.is_main_process:
                 paths = save_epoch(settings, epoch, pipeline, sampler, optimizer, reward_model, seeds_to_preview)

@@ -11,6 +11,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
 
+from utils.cli import UserError
 from utils.files import publish
 
 TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -50,7 +51,11 @@ def save_lora(unet, folder, epoch):
     state = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(unet).items()}
     diffusers_path = os.path.join(folder, f"diffusers_lora_epoch_{epoch}.safetensors")
     ui_path = os.path.join(folder, f"ui_lora_epoch_{epoch}.safetensors")
-    save_file(kohya_state_dict(state, unet.peft_config["default"].lora_alpha), ui_path + ".tmp",
+    kohya = kohya_state_dict(state, unet.peft_config["default"].lora_alpha)
+    if not all(torch.isfinite(w).all() for w in [*state.values(), *kohya.values()]):
+        raise UserError(f"the LoRA of epoch {epoch} has weights that are not finite (or beyond fp16's range, in "
+                        f"which WebUI files are saved); it was not saved. Lower train_policy_learning_rate.")
+    save_file(kohya, ui_path + ".tmp",
               metadata={"ss_network_module": "networks.lora"})
     publish(ui_path + ".tmp", ui_path)
     # Last: resume and generate know a saved epoch by this file, so an interrupted save is not complete.
