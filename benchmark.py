@@ -142,7 +142,7 @@ def measure(arch, settings, epochs, memory_limit_gib=None):
     from accelerate import Accelerator
 
     use_cuda = settings.device.startswith("cuda")
-    accelerator = Accelerator(cpu=not use_cuda)
+    accelerator = Accelerator(mixed_precision="no", cpu=not use_cuda)  # precision: utils/precision.py
     device, memory = accelerator.device, Memory(accelerator.device)
     if use_cuda and memory_limit_gib:  # behave as a smaller GPU: allocations past the limit raise out-of-memory
         torch.cuda.set_per_process_memory_fraction(

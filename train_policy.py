@@ -225,7 +225,8 @@ def save_epoch(settings, epoch, pipeline, sampler, optimizer, reward_model, seed
 
 def main(settings):
     use_cuda = settings.device.startswith("cuda")
-    accelerator = Accelerator(cpu=not use_cuda)  # processes and devices; precision is utils/precision.py's
+    # Processes and devices only: precision is utils/precision.py's, whatever an accelerate config says
+    accelerator = Accelerator(mixed_precision="no", cpu=not use_cuda)
     validate_settings(settings, accelerator.num_processes)
     seeds_to_preview = preview_seeds(settings.train_preview_seeds)
     reward_model = load_reward_model(settings.reward_model_path, accelerator.device)
