@@ -56,9 +56,11 @@ def peak_tflops(gpu_name):
 
 
 def flops_per_image_step(unet, settings, checkpointing, per_call):
-    """FLOPs of one image's DDIM step: sampling (one guided forward) and training (forward + backward,
-    and the forward again under checkpointing). Counted on a copy of the architecture on the meta
-    device: shapes only, no compute, no memory."""
+    """FLOPs of one image's DDIM step: (sampling, training).
+
+    Sampling is one guided forward; training a forward and a backward, and the forward again under
+    checkpointing. Counted on a copy of the architecture on the meta device: shapes only, no compute.
+    """
     from diffusers import UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 

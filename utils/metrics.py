@@ -93,8 +93,10 @@ def plot_curves(path, records, x_key, panels, title, columns=3):
 
 
 def contact_sheet(path, images, captions, thumbnail=128, columns=8):
-    """The images (PIL images or paths) in the given order, each scaled to fit `thumbnail` px, with its
-    caption (may hold a newline) under it; temp file + rename."""
+    """A PNG of the images (PIL images or paths) in order, each fit to `thumbnail` px, its caption below.
+
+    A caption may hold a newline. Temp file + rename.
+    """
     from PIL import Image, ImageDraw, ImageFont, ImageOps
 
     caption_height = 34
