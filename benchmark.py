@@ -32,7 +32,7 @@ import torch
 
 import config
 from utils.cli import SettingsError, parse_settings, trained_timesteps
-from train_policy import run_epoch
+from train_policy import load_models, run_epoch
 from utils.lora import add_lora
 from utils.reward_model import LatentRewardModel
 from utils.precision import MixedPrecision, resolve_mixed_precision
@@ -121,14 +121,9 @@ def build_models(arch, settings, device, dtype, scratch):
     diffusers_logging.set_verbosity_error()  # casting a fresh UNet with .to(dtype) warns, though nothing is lost
 
     if arch == "tiny":
-        from utils.sampling import encode_prompt, load_pipeline
-
-        pipeline = load_pipeline(build_tiny_checkpoint(os.path.join(scratch, "checkpoint")), device, dtype)
-        embeds = encode_prompt(pipeline, settings.prompt, settings.negative_prompt, device)
-        if settings.train_offload_frozen:
-            pipeline.text_encoder.to("cpu")
-            pipeline.vae.to("cpu")
-        return pipeline.unet, pipeline.scheduler, embeds
+        checkpoint = build_tiny_checkpoint(os.path.join(scratch, "checkpoint"))
+        pipeline, positive, negative = load_models(settings, checkpoint, device, dtype)
+        return pipeline.unet, pipeline.scheduler, (positive, negative)
     from diffusers import UNet2DConditionModel
 
     # Only the UNet: with train_offload_frozen, train_policy's text encoder and VAE are not on the device either.

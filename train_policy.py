@@ -184,6 +184,17 @@ def run_epoch(settings, epoch, accelerator, sampler, trainer, optimizer, precisi
             "cpu_seconds": {"sampling": sampled["cpu"] - started["cpu"], "training": trained["cpu"] - sampled["cpu"]}}
 
 
+def load_models(settings, checkpoint_path, device, dtype):
+    """(pipeline, positive and negative prompt embeddings (1, 77, dim)) as training uses them."""
+    pipeline = load_pipeline(checkpoint_path, device, dtype)
+    positive, negative = encode_prompt(pipeline, settings.prompt, settings.negative_prompt, device)
+    if settings.train_offload_frozen:
+        pipeline.text_encoder.to("cpu")  # not needed again; the VAE only visits the GPU for previews
+        pipeline.vae.to("cpu")
+    pipeline.vae.enable_slicing()  # previews decode one image at a time: the same images in a fraction of the memory
+    return pipeline, positive, negative
+
+
 def save_preview(path, pipeline, sampler, reward_model, seeds, epoch, height, width, num_inference_steps):
     """Fixed seeds without the LoRA and with it, each with its reward, so a person sees what the LoRA does."""
     latents = []
@@ -236,7 +247,7 @@ def main(settings):
 
     # ---------------------------------------------------------------- MODELS
     # Frozen weights in the half dtype (half the memory), LoRA in fp32, autocast around every UNet call.
-    pipeline = load_pipeline(settings.checkpoint_path, device, precision.weights_dtype)
+    pipeline, positive, negative = load_models(settings, settings.checkpoint_path, device, precision.weights_dtype)
     unet = pipeline.unet
     if settings.attention_backend == "xformers":
         try:
@@ -244,11 +255,6 @@ def main(settings):
         except Exception as error:
             raise UserError(f"attention_backend=xformers failed ({error}); install xformers or use sdpa.") from None
     lora_parameters = add_lora(unet, settings.lora_rank)
-    positive, negative = encode_prompt(pipeline, settings.prompt, settings.negative_prompt, device)
-    if settings.train_offload_frozen:
-        pipeline.text_encoder.to("cpu")  # not needed again; the VAE only visits the GPU for previews
-        pipeline.vae.to("cpu")
-    pipeline.vae.enable_slicing()  # previews decode one image at a time: the same images in a fraction of the memory
     optimizer = torch.optim.AdamW(lora_parameters, lr=settings.train_policy_learning_rate)
 
     os.makedirs(settings.lora_path, exist_ok=True)
