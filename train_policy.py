@@ -6,8 +6,9 @@
 Reads   models/checkpoint/, models/reward_model.safetensors, and to resume the newest
         outputs/diffusers_lora_epoch_N.safetensors with outputs/optimizer_epoch_N.pt.
 Writes  every train_save_freq epochs: outputs/diffusers_lora_epoch_N.safetensors (pipeline.load_lora_weights),
-        outputs/ui_lora_epoch_N.safetensors (WebUI / ComfyUI), outputs/optimizer_epoch_N.pt and
-        outputs/preview_epoch_N.png; every epoch: outputs/policy_metrics.jsonl and outputs/policy_metrics.png.
+        outputs/ui_lora_epoch_N.safetensors (WebUI / ComfyUI) with its card ui_lora_epoch_N.preview.png,
+        outputs/optimizer_epoch_N.pt and outputs/preview_epoch_N.png (each name after lora_name_prefix);
+        every epoch: outputs/policy_metrics.jsonl and outputs/policy_metrics.png.
 Rerun, it resumes after the newest saved epoch; earlier files are never deleted.
 
 An epoch, as the seed's: sample train_sample_batch_size x train_sample_num_batches_per_epoch images,
@@ -27,14 +28,16 @@ from tqdm.auto import tqdm
 from utils.cli import UserError, images_per_epoch, run_stage, trained_timesteps, validate_settings
 from utils.ddpo import compute_advantages, policy_gradient_backward
 from utils.files import publish
-from utils.lora import add_lora, latest_lora, load_lora_into_unet, save_lora
+from utils.checkpoint import pipeline_family
+from utils.lora import add_lora, epoch_files, latest_lora, load_lora_into_unet, lora_metadata, save_lora, save_lora_card
 from utils.metrics import append_jsonl, contact_sheet, plot_curves, read_jsonl
 from utils.reward_model import load_reward_model
 from utils.sampling import Denoiser, decode_latents, encode_prompt, load_pipeline, sample_with_logprob
 from utils.training_calls import fit_training_calls, training_call_candidates
 
-USED_SETTINGS = ["checkpoint_path", "reward_model_path", "lora_path", "lora_rank", "device", "attention_backend",
-                 "prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "eta",
+USED_SETTINGS = ["checkpoint_path", "checkpoint_config", "reward_model_path", "lora_path", "lora_name_prefix",
+                 "lora_rank", "device", "attention_backend", "prompt", "negative_prompt", "height", "width",
+                 "num_inference_steps", "guidance_scale", "eta",
                  "train_policy_num_epochs", "train_save_freq", "train_sample_batch_size",
                  "train_sample_num_batches_per_epoch", "train_policy_batch_size", "train_optimizer_steps_per_epoch",
                  "train_policy_learning_rate", "train_adv_clip_max", "train_clip_range", "train_timestep_fraction",
@@ -165,6 +168,7 @@ def save_preview(path, pipeline, sampler, reward_model, seeds, epoch, height, wi
     captions = [f"{'base' if i < len(seeds) else f'epoch {epoch}'}  seed {seeds[i % len(seeds)]}\nreward {r:+.2f}"
                 for i, r in enumerate(rewards)]
     contact_sheet(path, images, captions, thumbnail=min(max(height, width, 128), 384), columns=len(seeds))
+    return images[len(seeds):]  # the LoRA's row
 
 
 def preview_seeds(text):
@@ -185,7 +189,8 @@ def main(settings):
 
     # ---------------------------------------------------------------- MODELS
     # Frozen weights in fp16 on the GPU (half the memory), LoRA in fp32; autocast + grad scaling via accelerate.
-    pipeline = load_pipeline(settings.checkpoint_path, device, torch.float16 if use_cuda else torch.float32)
+    pipeline = load_pipeline(settings.checkpoint_path, device, torch.float16 if use_cuda else torch.float32,
+                             settings.checkpoint_config)
     unet = pipeline.unet
     if settings.attention_backend == "xformers":
         try:
@@ -202,10 +207,10 @@ def main(settings):
 
     first_epoch = 1
     os.makedirs(settings.lora_path, exist_ok=True)
-    resume_epoch, resume_path = latest_lora(settings.lora_path)
+    resume_epoch, resume_path = latest_lora(settings.lora_path, settings.lora_name_prefix)
     if resume_path:
         load_lora_into_unet(unet, resume_path)
-        optimizer_path = os.path.join(settings.lora_path, f"optimizer_epoch_{resume_epoch}.pt")
+        optimizer_path = epoch_files(settings.lora_path, resume_epoch, settings.lora_name_prefix)["optimizer"]
         if os.path.isfile(optimizer_path):
             optimizer.load_state_dict(torch.load(optimizer_path, map_location="cpu", weights_only=True))
             for group in optimizer.param_groups:  # load_state_dict restores the saved run's learning rate
@@ -258,15 +263,18 @@ def main(settings):
             f"sampling {seconds['sampling']:.1f}s, training {seconds['training']:.1f}s")
         if epoch % settings.train_save_freq == 0 or epoch == settings.train_policy_num_epochs:
             if accelerator.is_main_process:
-                paths = save_lora(sampler.unet, settings.lora_path, epoch)
-                optimizer_path = os.path.join(settings.lora_path, f"optimizer_epoch_{epoch}.pt")
+                files = epoch_files(settings.lora_path, epoch, settings.lora_name_prefix)
+                paths = save_lora(sampler.unet, settings.lora_path, epoch, settings.lora_name_prefix,
+                                  lora_metadata(settings, epoch, sampler.unet, pipeline_family(pipeline)))
+                optimizer_path = files["optimizer"]
                 torch.save(optimizer.state_dict(), optimizer_path + ".tmp")
                 publish(optimizer_path + ".tmp", optimizer_path)
                 saved = f"saved {paths[0]}, {paths[1]}"
                 if seeds_to_preview:
-                    preview = os.path.join(settings.lora_path, f"preview_epoch_{epoch}.png")
-                    save_preview(preview, pipeline, sampler, reward_model, seeds_to_preview, epoch, settings.height,
-                                 settings.width, settings.num_inference_steps)
+                    preview = files["preview"]
+                    lora_images = save_preview(preview, pipeline, sampler, reward_model, seeds_to_preview, epoch,
+                                               settings.height, settings.width, settings.num_inference_steps)
+                    save_lora_card(settings.lora_path, epoch, settings.lora_name_prefix, lora_images[0])
                     saved += f", preview {preview}"
                 accelerator.print(saved)
             accelerator.wait_for_everyone()
