@@ -128,7 +128,9 @@ def _missing_part(folder, component):
         return f"its {component}/ folder"
     names = set(os.listdir(sub))
     if component.startswith("tokenizer"):
-        return None if {"vocab.json", "merges.txt"} <= names or "tokenizer.json" in names else f"{component}/vocab.json and merges.txt"
+        if "tokenizer.json" in names or {"vocab.json", "merges.txt"} <= names:
+            return None
+        return f"{component}/tokenizer.json (or vocab.json and merges.txt)"
     if component == "scheduler":
         return None if "scheduler_config.json" in names else "scheduler/scheduler_config.json"
     if "config.json" not in names:
