@@ -2,8 +2,8 @@
 
     python generate.py [--name=value ...]          (or: accelerate launch generate.py ...)
 
-Reads   models/checkpoint/ (or the checkpoint file checkpoint_path names) and, by default, the newest outputs/diffusers_lora_epoch_N.safetensors
-        (--generate_lora=none for the base model, or a file path).
+Reads   models/checkpoint/ (a diffusers folder, or the checkpoint file checkpoint_path names) and, by default,
+        the newest outputs/diffusers_lora_epoch_N.safetensors (--generate_lora=none for the base model, or a path).
 Writes  samples/<seed>.png with WebUI-style `parameters`, samples/latents/<seed>.safetensors (the final
         latent, so no stage re-encodes PNGs), samples/round.json (the round's settings and seeds).
 An interrupted run resumes: run it again and only the missing images are made. A new round (other
@@ -20,9 +20,9 @@ from diffusers.utils import logging as diffusers_logging
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
+from utils.checkpoint import model_identity
 from utils.cli import UserError, run_stage
 from utils.files import publish, write_json_atomic
-from utils.checkpoint import model_identity
 from utils.lora import latest_lora, ui_lora_name
 from utils.samples import ROUND_FILE, archive_round, latent_file, round_images, save_latent, webui_parameters
 from utils.sampling import decode_latents, load_pipeline

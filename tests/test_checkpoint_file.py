@@ -25,9 +25,11 @@ from ldm_checkpoint import pipeline_to_ldm, write_sd2_like_file, write_single_fi
 from test_bad_input import assert_refused
 from utils.checkpoint import CONFIGS, clip_tokenizers, load_checkpoint, model_identity, sha256_of_file
 from utils.cli import UserError, parse_settings
+from utils.lora import add_lora, latest_lora, save_lora, saved_loras, ui_lora_name
 from utils.samples import latent_file, parse_webui_parameters, read_png_parameters, round_images
 from utils.scripted_rater import rate_by_latent_channel
 from utils.sampling import load_pipeline
+from utils.tiny_checkpoint import tiny_unet
 
 SEEDS = [11, 22, 33, 44, 55, 66]
 DEAD_HUB = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}  # any attempt to reach a hub fails at once
@@ -292,3 +294,19 @@ def test_resume_and_generates_latest_find_the_prefixed_files(trained_from_the_fi
                                    f"--checkpoint_config={tiny_checkpoint}", cwd=folder, checkpoint=tiny_file))
     assert f"resuming from {folder / 'outputs' / 'fox_diffusers_lora_epoch_1.safetensors'}: epoch 2 of 2" in resumed.stdout
     assert (folder / "outputs" / "fox_ui_lora_epoch_2.safetensors").is_file()
+
+
+def test_two_prefixes_in_one_folder_do_not_collide_and_each_finds_its_own(tmp_path):
+    unet = tiny_unet()
+    add_lora(unet, 4)
+    for prefix in ("", "fox_"):
+        for epoch in (1, 2):
+            save_lora(unet, str(tmp_path), epoch, prefix)
+    assert sorted(os.listdir(tmp_path)) == sorted(f"{prefix}{kind}_lora_epoch_{epoch}.safetensors"
+                                                  for prefix in ("", "fox_") for kind in ("diffusers", "ui")
+                                                  for epoch in (1, 2))
+    assert saved_loras(str(tmp_path)) == {e: str(tmp_path / f"diffusers_lora_epoch_{e}.safetensors") for e in (1, 2)}
+    assert latest_lora(str(tmp_path), "fox_") == (2, str(tmp_path / "fox_diffusers_lora_epoch_2.safetensors"))
+    assert latest_lora(str(tmp_path), "fo") == (0, None)
+    assert ui_lora_name(latest_lora(str(tmp_path), "fox_")[1]) == "fox_ui_lora_epoch_2"
+    assert ui_lora_name("/elsewhere/my_style.safetensors") == "my_style"  # a LoRA given by path keeps its name

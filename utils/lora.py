@@ -31,9 +31,10 @@ def epoch_files(folder, epoch, prefix=""):
 
 
 def ui_lora_name(diffusers_path):
-    """The WebUI name (`<lora:NAME:1>`) of the ui_lora file saved beside a diffusers_lora file."""
-    head, _, epoch = os.path.basename(diffusers_path).removesuffix(".safetensors").rpartition("diffusers_lora")
-    return f"{head}ui_lora{epoch}"
+    """The WebUI name (`<lora:NAME:1>`) of the ui_lora file saved beside a diffusers_lora file (another file: its name)."""
+    name = os.path.basename(diffusers_path).removesuffix(".safetensors")
+    head, found, epoch = name.rpartition("diffusers_lora")
+    return f"{head}ui_lora{epoch}" if found else name
 
 
 def add_lora(unet, rank):
