@@ -23,7 +23,7 @@ import generate
 from conftest import TINY_SETTINGS, assert_ok, run_script, run_scripts, snapshot, stage_paths
 from ldm_checkpoint import pipeline_to_ldm, write_sd2_like_file, write_single_file
 from test_bad_input import assert_refused
-from utils.checkpoint import CONFIGS, clip_tokenizers, load_checkpoint, model_identity, sha256_of_file
+from utils.checkpoint import CONFIGS, clip_tokenizers, file_family, load_checkpoint, model_identity, sha256_of_file
 from utils.cli import UserError, parse_settings
 from utils.lora import add_lora, latest_lora, save_lora, saved_loras, ui_lora_name
 from utils.samples import latent_file, parse_webui_parameters, read_png_parameters, round_images
@@ -310,3 +310,12 @@ def test_two_prefixes_in_one_folder_do_not_collide_and_each_finds_its_own(tmp_pa
     assert latest_lora(str(tmp_path), "fo") == (0, None)
     assert ui_lora_name(latest_lora(str(tmp_path), "fox_")[1]) == "fox_ui_lora_epoch_2"
     assert ui_lora_name("/elsewhere/my_style.safetensors") == "my_style"  # a LoRA given by path keeps its name
+
+
+def test_sdxl_base_keys_are_recognised_as_sdxl(tmp_path):
+    path = write_keys(tmp_path / "sdxl.safetensors", {
+        UNET_KEY: (8, 4, 3, 3), "first_stage_model.decoder.conv_out.weight": (3, 8, 3, 3),
+        "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight": (77, 8),
+        "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": (8,),
+        "conditioner.embedders.1.model.positional_embedding": (77, 8)})
+    assert file_family(path) == "sdxl"
