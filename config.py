@@ -13,9 +13,11 @@ import torch
 sample_path = "samples/"  # the current round: <seed>.png, latents/, scores.json; history/ holds earlier rounds
 score_path = "samples/scores.json"  # {"<seed>.png": score in -5..+5}, the seed WebApp's format
 model_path = "models/"  # reward model and its metrics are written here
-checkpoint_path = "models/checkpoint"  # diffusers-format SD1.5 folder (model_index.json, unet/, vae/, ...)
+checkpoint_path = "models/checkpoint"  # a diffusers folder (model_index.json, unet/, ...) or one WebUI/ComfyUI .safetensors file
+checkpoint_config = ""  # a diffusers folder whose configs + tokenizer load a single-file checkpoint ("" = those shipped in utils/configs/)
 reward_model_path = "models/reward_model.safetensors"  # latent CNN weights (+ .json with its metadata)
 lora_path = "outputs/"  # LoRAs (diffusers and WebUI/kohya format), optimizer state, metrics, plots
+lora_name_prefix = ""  # put before every LoRA file's name (e.g. "neon_"), so two runs' LoRAs can share one WebUI models/Lora/
 
 # ---------------------------------------------------------------- model
 lora_rank = 32  # rank r of the UNet LoRA; lora_alpha = r, so WebUI applies it at scale 1

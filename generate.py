@@ -2,8 +2,8 @@
 
     python generate.py [--name=value ...]          (or: accelerate launch generate.py ...)
 
-Reads   models/checkpoint/ and, by default, the newest outputs/diffusers_lora_epoch_N.safetensors
-        (--generate_lora=none for the base model, or a file path).
+Reads   models/checkpoint/ (a diffusers folder, or the checkpoint file checkpoint_path names) and, by default,
+        the newest outputs/diffusers_lora_epoch_N.safetensors (--generate_lora=none for the base model, or a path).
 Writes  samples/<seed>.png with WebUI-style `parameters`, samples/latents/<seed>.safetensors (the final
         latent, so no stage re-encodes PNGs), samples/round.json (the round's settings and seeds).
 An interrupted run resumes: run it again and only the missing images are made. A new round (other
@@ -20,13 +20,15 @@ from diffusers.utils import logging as diffusers_logging
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
+from utils.checkpoint import model_identity
 from utils.cli import UserError, run_stage
 from utils.files import publish, write_json_atomic
-from utils.lora import latest_lora
+from utils.lora import latest_lora, ui_lora_name
 from utils.samples import ROUND_FILE, archive_round, latent_file, round_images, save_latent, webui_parameters
 from utils.sampling import decode_latents, load_pipeline
 
-USED_SETTINGS = ["checkpoint_path", "sample_path", "score_path", "lora_path", "generate_lora", "device",
+USED_SETTINGS = ["checkpoint_path", "checkpoint_config", "sample_path", "score_path", "lora_path", "lora_name_prefix",
+                 "generate_lora", "device",
                  "generate_sample_size", "generate_batch_size", "generate_vae_slicing", "generate_vae_tiling",
                  "prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "eta"]
 
@@ -36,7 +38,7 @@ def resolve_lora(settings):
     if settings.generate_lora == "none":
         return None
     if settings.generate_lora == "latest":
-        return latest_lora(settings.lora_path)[1]
+        return latest_lora(settings.lora_path, settings.lora_name_prefix)[1]
     if not os.path.isfile(settings.generate_lora):
         raise UserError(f"--generate_lora={settings.generate_lora!r} is not a file; give a diffusers-format "
                         "LoRA .safetensors, 'latest' or 'none'.")
@@ -44,7 +46,10 @@ def resolve_lora(settings):
 
 
 def round_parameters(settings, lora):
-    return {"checkpoint": os.path.abspath(settings.checkpoint_path), "lora": lora and os.path.abspath(lora),
+    checkpoint = {"checkpoint": os.path.abspath(settings.checkpoint_path)}
+    if settings.checkpoint_config:  # only when set, so that rounds made before the setting existed still resume
+        checkpoint["checkpoint_config"] = os.path.abspath(settings.checkpoint_config)
+    return {**checkpoint, "lora": lora and os.path.abspath(lora),
             "prompt": settings.prompt, "negative_prompt": settings.negative_prompt, "height": settings.height,
             "width": settings.width, "steps": settings.num_inference_steps,
             "guidance_scale": settings.guidance_scale, "eta": settings.eta}
@@ -90,14 +95,14 @@ def main(settings):
     state = PartialState(cpu=settings.device == "cpu")
     lora = resolve_lora(settings)
     dtype = torch.float16 if state.device.type == "cuda" else torch.float32
-    pipeline = load_pipeline(settings.checkpoint_path, state.device, dtype)
+    pipeline = load_pipeline(settings.checkpoint_path, state.device, dtype, settings.checkpoint_config)
     lora_name = None
     if lora:
         verbosity = diffusers_logging.get_verbosity()
         diffusers_logging.set_verbosity_error()  # our LoRAs hold UNet keys only: no "No LoRA keys ... CLIPTextModel"
         pipeline.load_lora_weights(lora)
         diffusers_logging.set_verbosity(verbosity)
-        lora_name = os.path.basename(lora).removesuffix(".safetensors").replace("diffusers_lora", "ui_lora")
+        lora_name = ui_lora_name(lora)
     if state.is_main_process:
         print(f"LoRA: {lora}" if lora else "LoRA: none (base model)")
     if settings.generate_vae_slicing:
@@ -117,7 +122,7 @@ def main(settings):
         print(f"round: {len(seeds) - len(missing)} of {len(seeds)} images already made, generating {len(missing)}")
 
     # ---------------------------------------------------------------- GENERATION
-    model_name = os.path.basename(os.path.normpath(settings.checkpoint_path))
+    model_name, model_hash = model_identity(settings.checkpoint_path)
     with state.split_between_processes(missing) as my_seeds:
         bar = tqdm(total=len(my_seeds), desc="generating", unit="img", disable=not state.is_main_process)
         for start in range(0, len(my_seeds), settings.generate_batch_size):
@@ -133,7 +138,7 @@ def main(settings):
             for seed, image, latent in zip(batch, images, latents):
                 text = webui_parameters(settings.prompt, settings.negative_prompt, settings.num_inference_steps,
                                         settings.guidance_scale, seed, settings.width, settings.height, settings.eta,
-                                        model_name, lora_name)
+                                        model_name, lora_name, model_hash)
                 save_image(settings.sample_path, seed, image, latent, text)
             bar.update(len(batch))
         bar.close()

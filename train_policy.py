@@ -3,12 +3,14 @@
     python train_policy.py [--name=value ...]
     accelerate launch train_policy.py [...]         (several GPUs: each samples its share)
 
-Reads   models/checkpoint/, models/reward_model.safetensors, and to resume the newest
-        outputs/diffusers_lora_epoch_N.safetensors with outputs/optimizer_epoch_N.pt.
-Writes  every train_save_freq epochs: outputs/diffusers_lora_epoch_N.safetensors (pipeline.load_lora_weights),
-        outputs/ui_lora_epoch_N.safetensors (WebUI / ComfyUI), outputs/optimizer_epoch_N.pt and
-        outputs/preview_epoch_N.png; every epoch: outputs/policy_metrics.jsonl and outputs/policy_metrics.png.
-Rerun, it resumes after the newest saved epoch; earlier files are never deleted.
+Reads   models/checkpoint (a diffusers folder or a WebUI/ComfyUI file), models/reward_model.safetensors,
+        and to resume outputs/resume_state.pt or the newest outputs/diffusers_lora_epoch_N.safetensors.
+Writes  every train_save_freq epochs: outputs/ui_lora_epoch_N.safetensors (WebUI / ComfyUI) with its card
+        ui_lora_epoch_N.preview.png, outputs/optimizer_epoch_N.pt, outputs/preview_epoch_N.png and, last,
+        outputs/diffusers_lora_epoch_N.safetensors (pipeline.load_lora_weights); every epoch:
+        outputs/policy_metrics.jsonl, outputs/policy_metrics.png and outputs/resume_state.pt.
+        Each name starts with lora_name_prefix.
+Rerun, it resumes after the newest finished epoch (a kill loses at most one); nothing saved is deleted.
 
 An epoch, as the seed's: sample train_sample_batch_size x train_sample_num_batches_per_epoch images,
 score them, then backpropagate every image (train_policy_batch_size per forward/backward) at every
@@ -29,7 +31,8 @@ from tqdm.auto import tqdm
 from utils.cli import UserError, images_per_epoch, run_stage, trained_timesteps, validate_settings
 from utils.ddpo import compute_advantages, policy_gradient_backward
 from utils.files import publish
-from utils.lora import add_lora, save_lora
+from utils.checkpoint import pipeline_family
+from utils.lora import add_lora, epoch_files, lora_metadata, save_lora, save_lora_card
 from utils.metrics import append_jsonl, contact_sheet, plot_curves, read_jsonl
 from utils.reward_model import load_reward_model
 from utils.sampling import Denoiser, decode_latents, encode_prompt, load_pipeline, sample_with_logprob
@@ -37,8 +40,9 @@ from utils.precision import MixedPrecision, gradients_are_finite, resolve_mixed_
 from utils.run_state import STATE_FILE, lora_is_finite, resume_training, save_run_state
 from utils.training_calls import fit_training_calls, training_call_candidates
 
-USED_SETTINGS = ["checkpoint_path", "reward_model_path", "lora_path", "lora_rank", "device", "attention_backend",
-                 "prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "eta",
+USED_SETTINGS = ["checkpoint_path", "checkpoint_config", "reward_model_path", "lora_path", "lora_name_prefix",
+                 "lora_rank", "device", "attention_backend", "prompt", "negative_prompt", "height", "width",
+                 "num_inference_steps", "guidance_scale", "eta",
                  "train_policy_num_epochs", "train_save_freq", "train_sample_batch_size",
                  "train_sample_num_batches_per_epoch", "train_policy_batch_size", "train_optimizer_steps_per_epoch",
                  "train_policy_learning_rate", "train_adv_clip_max", "train_clip_range", "train_timestep_fraction",
@@ -186,7 +190,7 @@ def run_epoch(settings, epoch, accelerator, sampler, trainer, optimizer, precisi
 
 def load_models(settings, checkpoint_path, device, dtype):
     """(pipeline, positive and negative prompt embeddings (1, 77, dim)) as training uses them."""
-    pipeline = load_pipeline(checkpoint_path, device, dtype)
+    pipeline = load_pipeline(checkpoint_path, device, dtype, settings.checkpoint_config)
     positive, negative = encode_prompt(pipeline, settings.prompt, settings.negative_prompt, device)
     if settings.train_offload_frozen:
         pipeline.text_encoder.to("cpu")  # not needed again; the VAE only visits the GPU for previews
@@ -211,6 +215,7 @@ def save_preview(path, pipeline, sampler, reward_model, seeds, epoch, height, wi
     captions = [f"{'base' if i < len(seeds) else f'epoch {epoch}'}  seed {seeds[i % len(seeds)]}\nreward {r:+.2f}"
                 for i, r in enumerate(rewards)]
     contact_sheet(path, images, captions, thumbnail=min(max(height, width, 128), 384), columns=len(seeds))
+    return images[len(seeds):]  # the LoRA's row
 
 
 def preview_seeds(text):
@@ -220,18 +225,25 @@ def preview_seeds(text):
         raise UserError(f"train_preview_seeds must be whole numbers separated by commas (got {text!r}).") from None
 
 
+def run_files(settings):
+    """The run's own files in lora_path, named with lora_name_prefix so that two runs can share the folder."""
+    names = {"metrics": "policy_metrics.jsonl", "plot": "policy_metrics.png", "state": STATE_FILE}
+    return {kind: os.path.join(settings.lora_path, settings.lora_name_prefix + name) for kind, name in names.items()}
+
+
 def save_epoch(settings, epoch, pipeline, sampler, optimizer, reward_model, seeds_to_preview):
     """The epoch's files, the diffusers LoRA last: resume and generate find an epoch by it, so a save
     that a kill interrupts is not taken for complete (and the next run writes it again)."""
-    optimizer_path = os.path.join(settings.lora_path, f"optimizer_epoch_{epoch}.pt")
-    torch.save(optimizer.state_dict(), optimizer_path + ".tmp")
-    publish(optimizer_path + ".tmp", optimizer_path)
-    written = [optimizer_path]
+    files = epoch_files(settings.lora_path, epoch, settings.lora_name_prefix)
+    torch.save(optimizer.state_dict(), files["optimizer"] + ".tmp")
+    publish(files["optimizer"] + ".tmp", files["optimizer"])
+    written = [files["optimizer"]]
     if seeds_to_preview:
-        written.append(os.path.join(settings.lora_path, f"preview_epoch_{epoch}.png"))
-        save_preview(written[-1], pipeline, sampler, reward_model, seeds_to_preview, epoch, settings.height,
-                     settings.width, settings.num_inference_steps)
-    return [*save_lora(sampler.unet, settings.lora_path, epoch), *written]
+        lora_images = save_preview(files["preview"], pipeline, sampler, reward_model, seeds_to_preview, epoch,
+                                   settings.height, settings.width, settings.num_inference_steps)
+        written += [files["preview"], save_lora_card(settings.lora_path, epoch, settings.lora_name_prefix, lora_images[0])]
+    metadata = lora_metadata(settings, epoch, sampler.unet, pipeline_family(pipeline))
+    return [*save_lora(sampler.unet, settings.lora_path, epoch, settings.lora_name_prefix, metadata), *written]
 
 
 def main(settings):
@@ -258,8 +270,9 @@ def main(settings):
     optimizer = torch.optim.AdamW(lora_parameters, lr=settings.train_policy_learning_rate)
 
     os.makedirs(settings.lora_path, exist_ok=True)
-    metrics_path = os.path.join(settings.lora_path, "policy_metrics.jsonl")
-    first_epoch = resume_training(settings.lora_path, unet, optimizer, precision, metrics_path, accelerator.print)
+    files = run_files(settings)
+    first_epoch = resume_training(settings.lora_path, settings.lora_name_prefix, unet, optimizer, precision,
+                                  files["metrics"], accelerator.print)
     for group in optimizer.param_groups:  # a loaded optimizer state brings the saved run's learning rate
         group["lr"] = settings.train_policy_learning_rate
     unet = accelerator.prepare(unet)
@@ -268,7 +281,7 @@ def main(settings):
                        settings.guidance_scale, settings.eta, precision.autocast)
     trainer = replace(sampler, unet=torch.compile(unet) if settings.train_compile else unet)
     if first_epoch > 1 and is_save_epoch(settings, first_epoch - 1) and accelerator.is_main_process and \
-            not os.path.isfile(os.path.join(settings.lora_path, f"diffusers_lora_epoch_{first_epoch - 1}.safetensors")):
+            not os.path.isfile(epoch_files(settings.lora_path, first_epoch - 1, settings.lora_name_prefix)["diffusers"]):
         paths = save_epoch(settings, first_epoch - 1, pipeline, sampler, optimizer, reward_model, seeds_to_preview)
         accelerator.print(f"completed the interrupted save of epoch {first_epoch - 1}: {', '.join(paths)}")
 
@@ -306,14 +319,13 @@ def main(settings):
             if not lora_is_finite(sampler.unet):
                 raise UserError(f"the LoRA's weights are not finite after epoch {epoch}; nothing of this epoch was "
                                 f"saved. Lower train_policy_learning_rate or set mixed_precision=no, then rerun.")
-            append_jsonl(metrics_path, metrics)
-            plot_curves(os.path.join(settings.lora_path, "policy_metrics.png"), read_jsonl(metrics_path), "epoch",
+            append_jsonl(files["metrics"], metrics)
+            plot_curves(files["plot"], read_jsonl(files["metrics"]), "epoch",
                         [("reward of the epoch's images", [("reward_mean", "reward_std")]), ("PPO loss", ["loss"]),
                          ("seconds", ["sampling_seconds", "training_seconds"]),
                          ("share of clipped ratios", ["clipfrac"]), ("approx. KL to the sampling policy", ["approx_kl"])],
                         f"DDPO: {settings.prompt}")
-            save_run_state(os.path.join(settings.lora_path, STATE_FILE), epoch, sampler.unet, optimizer, precision,
-                           metrics_path)
+            save_run_state(files["state"], epoch, sampler.unet, optimizer, precision, files["metrics"])
         accelerator.print(
             f"epoch {epoch}: reward {metrics['reward_mean']:.4f} ± {metrics['reward_std']:.4f}, "
             f"loss {stats['loss']:.4g}, clipfrac {stats['clipfrac']:.3f}, kl {stats['approx_kl']:.2e}, "

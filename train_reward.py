@@ -32,7 +32,7 @@ from utils.reward_model import LatentRewardModel, load_reward_model, reward_mode
 from utils.samples import history_rounds, latent_file, load_latent
 from utils.sampling import load_pipeline
 
-USED_SETTINGS = ["sample_path", "score_path", "model_path", "reward_model_path", "checkpoint_path", "device",
+USED_SETTINGS = ["sample_path", "score_path", "model_path", "reward_model_path", "checkpoint_path", "checkpoint_config", "device",
                  "train_reward_num_epochs", "train_reward_batch_size", "train_reward_test_split_ratio",
                  "train_reward_learning_rate", "train_reward_use_history", "train_reward_flip_augment",
                  "train_reward_min_correlation", "seed", "rank_folder"]
@@ -104,7 +104,7 @@ def encode_images(settings, unencoded, latents, device, size=None):
     Images are resized to `size` (h, w) if given.
     """
     print(f"VAE-encoding {len(unencoded)} images that have no saved latent")
-    pipeline = load_pipeline(settings.checkpoint_path, device, torch.float32)
+    pipeline = load_pipeline(settings.checkpoint_path, device, torch.float32, settings.checkpoint_config)
     height, width = size or (None, None)
     for index, path in tqdm(unencoded, desc="encoding", unit="img"):
         pixels = pipeline.image_processor.preprocess(Image.open(path).convert("RGB"), height, width).to(device)

@@ -37,16 +37,17 @@ def tiny_checkpoint(tmp_path_factory):
     return str(build_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny_checkpoint"))))
 
 
-def run_script(name, *args, cwd, checkpoint=None, timeout=300):
+def run_script(name, *args, cwd, checkpoint=None, timeout=300, env=None):
     """Run `<repo>/<name>.py` in a subprocess with every path in `cwd` and TINY_SETTINGS, then `args`.
 
-    Returns the CompletedProcess (text stdout/stderr captured). `checkpoint`: see stage_paths.
+    Returns the CompletedProcess (text stdout/stderr captured). `checkpoint`: see stage_paths; `env`:
+    variables to set on top of this process's environment.
     Each process gets one CPU thread unless OMP_NUM_THREADS is set: several PyTorch processes on a
     small machine, each spinning up a thread per core, run many times slower than one thread each.
     """
     settings = {**stage_paths(cwd, checkpoint), **TINY_SETTINGS}
     command = [sys.executable, str(REPO / f"{name}.py"), *(f"--{k}={v}" for k, v in settings.items()), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

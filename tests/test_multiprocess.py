@@ -54,7 +54,7 @@ def saved_files(epochs):
     names = {"policy_metrics.jsonl", "policy_metrics.png", "resume_state.pt"}
     for epoch in epochs:
         names |= {f"diffusers_lora_epoch_{epoch}.safetensors", f"ui_lora_epoch_{epoch}.safetensors",
-                  f"optimizer_epoch_{epoch}.pt", f"preview_epoch_{epoch}.png"}
+                  f"ui_lora_epoch_{epoch}.preview.png", f"optimizer_epoch_{epoch}.pt", f"preview_epoch_{epoch}.png"}
     return names
 
 

@@ -167,6 +167,9 @@ def validate_settings(s, num_processes=1):
         raise SettingsError("train_clip_range and train_adv_clip_max must be > 0.")
     if s.mixed_precision not in ("auto", "fp16", "bf16", "no"):
         raise SettingsError(f"mixed_precision must be auto, fp16, bf16 or no (got {s.mixed_precision!r}).")
+    if set(s.lora_name_prefix) & set('/\\:<>"|?*'):
+        raise SettingsError(f"lora_name_prefix must be usable in a file name and in WebUI's <lora:NAME:1> tag: no / \\ : < > \" | ? * "
+                            f"(got {s.lora_name_prefix!r}).")
     if s.attention_backend not in ("sdpa", "xformers"):
         raise SettingsError(f"attention_backend must be 'sdpa' or 'xformers' (got {s.attention_backend!r}).")
     if not s.device.startswith(("cuda", "cpu", "mps")):

@@ -1,5 +1,6 @@
 """The UNet LoRA: create it, save it (diffusers + WebUI/kohya formats), find and load saved ones."""
 
+import datetime
 import os
 import re
 
@@ -11,11 +12,30 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
 
+from utils.checkpoint import sha256_of_file
 from utils.cli import UserError
 from utils.files import publish
 
 TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
-DIFFUSERS_NAME = re.compile(r"^diffusers_lora_epoch_(\d+)\.safetensors$")
+# What kohya's trainers write for the base model (ss_base_model_version, modelspec.architecture and
+# .implementation): WebUI sorts LoRAs by it and hides those of another base model.
+BASE_MODELS = {"sd15": ("sd_v1", "stable-diffusion-v1/lora", "diffusers"),
+               "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora", "https://github.com/Stability-AI/generative-models")}
+
+
+def epoch_files(folder, epoch, prefix=""):
+    """Paths of what train_policy saves for an epoch, each name starting with `prefix` (lora_name_prefix)."""
+    names = {"diffusers": f"diffusers_lora_epoch_{epoch}.safetensors", "ui": f"ui_lora_epoch_{epoch}.safetensors",
+             "card": f"ui_lora_epoch_{epoch}.preview.png", "optimizer": f"optimizer_epoch_{epoch}.pt",
+             "preview": f"preview_epoch_{epoch}.png"}
+    return {kind: os.path.join(folder, prefix + name) for kind, name in names.items()}
+
+
+def ui_lora_name(diffusers_path):
+    """The WebUI name (`<lora:NAME:1>`) of the ui_lora file saved beside a diffusers_lora file (another file: its name)."""
+    name = os.path.basename(diffusers_path).removesuffix(".safetensors")
+    head, found, epoch = name.rpartition("diffusers_lora")
+    return f"{head}ui_lora{epoch}" if found else name
 
 
 def add_lora(unet, rank):
@@ -43,32 +63,82 @@ def kohya_state_dict(peft_state_dict, alpha):
     return kohya
 
 
-def save_lora(unet, folder, epoch):
-    """Write diffusers_lora_epoch_N and ui_lora_epoch_N (kohya) to `folder`; returns both paths.
+def save_lora(unet, folder, epoch, prefix="", metadata=None):
+    """Write <prefix>diffusers_lora_epoch_N and <prefix>ui_lora_epoch_N (kohya) to `folder`; returns both paths.
 
+    `metadata` (lora_metadata's) goes into the ui_lora file's header, where WebUI and ComfyUI show it.
     Each file is written under a temporary name and renamed, so a crash never leaves half a LoRA.
     """
     state = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(unet).items()}
-    diffusers_path = os.path.join(folder, f"diffusers_lora_epoch_{epoch}.safetensors")
-    ui_path = os.path.join(folder, f"ui_lora_epoch_{epoch}.safetensors")
-    kohya = kohya_state_dict(state, unet.peft_config["default"].lora_alpha)
+    paths = epoch_files(folder, epoch, prefix)
+    kohya = kohya_state_dict(state, lora_alpha(unet))
     if not all(torch.isfinite(w).all() for w in [*state.values(), *kohya.values()]):
         raise UserError(f"the LoRA of epoch {epoch} has weights that are not finite (or beyond fp16's range, in "
                         f"which WebUI files are saved); it was not saved. Lower train_policy_learning_rate.")
-    save_file(kohya, ui_path + ".tmp",
-              metadata={"ss_network_module": "networks.lora"})
-    publish(ui_path + ".tmp", ui_path)
+    save_file(kohya, paths["ui"] + ".tmp", metadata=metadata or {"ss_network_module": "networks.lora"})
+    publish(paths["ui"] + ".tmp", paths["ui"])
     # Last: resume and generate know a saved epoch by this file, so an interrupted save is not complete.
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=state, weight_name=f".diffusers_lora_epoch_{epoch}.tmp",
+    temp_name = f".{os.path.basename(paths['diffusers'])}.tmp"
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=state, weight_name=temp_name,
                                               unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
-    publish(os.path.join(folder, f".diffusers_lora_epoch_{epoch}.tmp"), diffusers_path)
-    return diffusers_path, ui_path
+    publish(os.path.join(folder, temp_name), paths["diffusers"])
+    return paths["diffusers"], paths["ui"]
 
 
-def latest_lora(folder):
-    """(epoch, path) of the newest diffusers-format LoRA in `folder`, or (0, None)."""
-    found = {int(m.group(1)): os.path.join(folder, m.group(0))
-             for m in map(DIFFUSERS_NAME.match, os.listdir(folder) if os.path.isdir(folder) else []) if m}
+def lora_metadata(settings, epoch, unet, base_model="sd15"):
+    """The ui_lora file's header: the ss_* and modelspec.* keys kohya's trainers write (and WebUI and ComfyUI
+    show), and what this LoRA was trained for (prompt, epoch, reward model). All values are strings."""
+    output_name = os.path.basename(epoch_files("", epoch, settings.lora_name_prefix)["ui"]).removesuffix(".safetensors")
+    version, architecture, implementation = BASE_MODELS[base_model]
+    reward_model = os.path.basename(settings.reward_model_path)
+    reward_hash = sha256_of_file(settings.reward_model_path) if os.path.isfile(settings.reward_model_path) else ""
+    description = (f"DDPO LoRA (AlmostPerfect) for the prompt {settings.prompt!r}, epoch {epoch}, trained against "
+                   f"the reward model {reward_model}; load it on the base model {settings.checkpoint_path}.")
+    return {
+        "ss_network_module": "networks.lora", "ss_network_dim": str(settings.lora_rank),
+        "ss_network_alpha": str(float(lora_alpha(unet))), "ss_base_model_version": version, "ss_v2": "False",
+        "ss_output_name": output_name, "ss_sd_model_name": os.path.basename(os.path.normpath(settings.checkpoint_path)),
+        "ss_resolution": f"({settings.width}, {settings.height})", "ss_epoch": str(epoch),
+        "ss_num_epochs": str(settings.train_policy_num_epochs), "ss_learning_rate": str(settings.train_policy_learning_rate),
+        "ss_seed": str(settings.seed), "ss_training_comment": description,
+        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": architecture,
+        "modelspec.implementation": implementation, "modelspec.title": output_name,
+        "modelspec.resolution": f"{settings.width}x{settings.height}",
+        "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
+        "modelspec.prediction_type": "epsilon", "modelspec.description": description,
+        "almostperfect.prompt": settings.prompt, "almostperfect.negative_prompt": settings.negative_prompt,
+        "almostperfect.epoch": str(epoch), "almostperfect.reward_model": os.path.abspath(settings.reward_model_path),
+        "almostperfect.reward_model_sha256": reward_hash,
+        "almostperfect.checkpoint": os.path.abspath(settings.checkpoint_path),
+    }
+
+
+def save_lora_card(folder, epoch, prefix, image, size=512):
+    """<prefix>ui_lora_epoch_N.preview.png beside the ui_lora file: the card WebUI shows for the LoRA."""
+    path = epoch_files(folder, epoch, prefix)["card"]
+    card = image.copy()
+    card.thumbnail((size, size))
+    card.save(path + ".tmp", format="PNG")
+    publish(path + ".tmp", path)
+    return path
+
+
+def saved_loras(folder, prefix=""):
+    """{epoch: path} of the diffusers-format LoRAs in `folder` named with exactly this prefix."""
+    if not os.path.isdir(folder):
+        return {}
+    name = re.compile(rf"^{re.escape(prefix)}diffusers_lora_epoch_(\d+)\.safetensors$")
+    found = {}
+    for entry in os.listdir(folder):
+        match = name.match(entry)
+        if match:
+            found[int(match.group(1))] = os.path.join(folder, entry)
+    return found
+
+
+def latest_lora(folder, prefix=""):
+    """(epoch, path) of the newest diffusers-format LoRA in `folder` named with this prefix, or (0, None)."""
+    found = saved_loras(folder, prefix)
     if not found:
         return 0, None
     return max(found), found[max(found)]

@@ -13,7 +13,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from utils.cli import UserError
 from utils.files import publish
-from utils.lora import latest_lora, load_lora_into_unet
+from utils.lora import epoch_files, latest_lora, load_lora_into_unet
 
 STATE_FILE = "resume_state.pt"
 
@@ -77,10 +77,13 @@ def keep_metrics_lines(path, count):
         publish(path + ".tmp", path)
 
 
-def resume_training(lora_path, unet, optimizer, precision, metrics_path, print):
-    """The first epoch to train: after the resume state or the newest saved LoRA, whichever is newer."""
-    saved_epoch, saved_path = latest_lora(lora_path)
-    state_path = os.path.join(lora_path, STATE_FILE)
+def resume_training(lora_path, prefix, unet, optimizer, precision, metrics_path, print):
+    """The first epoch to train: after the resume state or the newest saved LoRA, whichever is newer.
+
+    Only files named with `prefix` (lora_name_prefix) are this run's.
+    """
+    saved_epoch, saved_path = latest_lora(lora_path, prefix)
+    state_path = os.path.join(lora_path, prefix + STATE_FILE)
     state = load_run_state(state_path) if os.path.isfile(state_path) else None
     if state and state["epoch"] >= saved_epoch:
         restore_run_state(state, unet, optimizer, precision, state_path)
@@ -89,7 +92,7 @@ def resume_training(lora_path, unet, optimizer, precision, metrics_path, print):
         return state["epoch"] + 1
     if saved_path:  # saved before resume states existed, or the state was moved away
         load_lora_into_unet(unet, saved_path)
-        optimizer_path = os.path.join(lora_path, f"optimizer_epoch_{saved_epoch}.pt")
+        optimizer_path = epoch_files(lora_path, saved_epoch, prefix)["optimizer"]
         if os.path.isfile(optimizer_path):
             optimizer.load_state_dict(torch.load(optimizer_path, map_location="cpu", weights_only=True))
         print(f"resuming after epoch {saved_epoch} from {saved_path}")

@@ -67,13 +67,18 @@ def archive_round(folder):
     return target
 
 
-def webui_parameters(prompt, negative_prompt, steps, guidance_scale, seed, width, height, eta, model, lora_name):
-    """Generation parameters as AUTOMATIC1111 WebUI writes them to a PNG's `parameters` chunk."""
+def webui_parameters(prompt, negative_prompt, steps, guidance_scale, seed, width, height, eta, model, lora_name,
+                     model_hash=None):
+    """Generation parameters as AUTOMATIC1111 WebUI writes them to a PNG's `parameters` chunk, in its order.
+
+    `model_hash`: WebUI's short hash of the checkpoint file (utils.checkpoint.model_identity); None leaves it out.
+    """
     if lora_name:
         prompt = f"{prompt} <lora:{lora_name}:1>"
+    model_fields = f"Model hash: {model_hash}, Model: {model}" if model_hash else f"Model: {model}"
     return (f"{prompt}\nNegative prompt: {negative_prompt}\n"
             f"Steps: {steps}, Sampler: DDIM, CFG scale: {guidance_scale}, Seed: {seed}, Size: {width}x{height}, "
-            f"Model: {model}, Eta: {eta}")
+            f"{model_fields}, Eta: {eta}")
 
 
 def read_png_parameters(path):

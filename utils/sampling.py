@@ -1,32 +1,26 @@
 """Loading the pipeline, the guided UNet, and the DDPO sampling loop (DDIM + CFG, per-step log-probs)."""
 
-import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, ContextManager
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler
 from diffusers.utils import logging as diffusers_logging
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 from transformers.utils import logging as transformers_logging
 
-from utils.cli import UserError
+from utils.checkpoint import load_checkpoint
 from utils.ddim import ddim_step_with_logprob
 
 
-def load_pipeline(checkpoint_path, device, dtype):
-    """The StableDiffusionPipeline in `checkpoint_path` with a DDIM scheduler, no safety checker."""
-    if not os.path.isfile(os.path.join(checkpoint_path, "model_index.json")):
-        raise UserError(
-            f"No diffusers checkpoint at {checkpoint_path!r} (model_index.json missing): download SD1.5 there "
-            "(see README), build a tiny one with `python -m utils.tiny_checkpoint models/checkpoint`, "
-            "or pass --checkpoint_path=...")
+def load_pipeline(checkpoint_path, device, dtype, checkpoint_config=""):
+    """The pipeline at `checkpoint_path` (a diffusers folder or one WebUI/ComfyUI checkpoint file; see
+    utils/checkpoint.py) with a DDIM scheduler, no safety checker, on `device`."""
     diffusers_logging.disable_progress_bar()  # a bar per component load; the stage draws its own bars
     transformers_logging.disable_progress_bar()
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        checkpoint_path, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipeline = load_checkpoint(checkpoint_path, dtype, checkpoint_config)
     pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
     schedule_on(pipeline.scheduler, device)
     pipeline.set_progress_bar_config(disable=True)
