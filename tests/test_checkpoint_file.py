@@ -292,7 +292,7 @@ def test_resume_and_generates_latest_find_the_prefixed_files(trained_from_the_fi
     assert generate.resolve_lora(settings) is None  # another prefix's (here: none) LoRAs are not this run's
     resumed = assert_ok(run_script("train_policy", "--train_policy_num_epochs=2", *POLICY,
                                    f"--checkpoint_config={tiny_checkpoint}", cwd=folder, checkpoint=tiny_file))
-    assert f"resuming from {folder / 'outputs' / 'fox_diffusers_lora_epoch_1.safetensors'}: epoch 2 of 2" in resumed.stdout
+    assert f"resuming after epoch 1 from {folder / 'outputs' / 'fox_resume_state.pt'}" in resumed.stdout
     assert (folder / "outputs" / "fox_ui_lora_epoch_2.safetensors").is_file()
 
 

@@ -46,6 +46,10 @@ def add_lora(unet, rank):
     return [p for p in unet.parameters() if p.requires_grad]
 
 
+def lora_alpha(unet):
+    return unet.peft_config["default"].lora_alpha
+
+
 def kohya_state_dict(peft_state_dict, alpha):
     """peft keys -> the keys WebUI and ComfyUI read for an SD1.5 UNet LoRA, fp16.
 
