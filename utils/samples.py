@@ -128,6 +128,7 @@ def _complete_archive(folder, partial):
             target = f"{target}.conflict-{time.strftime('%Y%m%d-%H%M%S')}"
         os.rename(os.path.join(folder, name), target)  # within one file system: atomic, no copying
         crash_point("archive_round.moved_one")
+    crash_point("archive_round.all_moved")
     number = int(_PARTIAL.fullmatch(os.path.basename(partial)).group(1))
     while os.path.exists(os.path.join(folder, HISTORY, f"round_{number:03d}")):
         number += 1
