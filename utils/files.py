@@ -3,9 +3,11 @@
 import contextlib
 import json
 import os
+import re
 import signal
 import tempfile
 
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust libraries (safetensors) report a system error
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read, then put back: the only portable way to learn the umask
 
@@ -26,7 +28,8 @@ def writing(path):
     """Around writing `temp path` (yielded) that is then published as `path`; on failure the temp file goes.
 
     An OSError without a file name (a full disk shows up in write(), which names no file) gets
-    `path`, so that run_stage's sentence can say which file could not be written.
+    `path`, so that run_stage's sentence can say which file could not be written; so does the
+    system error inside a library's own exception (safetensors: "I/O error: ... (os error 28)").
     """
     temp_path = f"{path}.tmp"
     try:
@@ -36,6 +39,22 @@ def writing(path):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp_path)
         if isinstance(error, OSError) and error.filename is None:
+            error.filename = path
+        system_error = _OS_ERROR.search(str(error)) if not isinstance(error, OSError) else None
+        if system_error:
+            number = int(system_error.group(1))
+            raise OSError(number, os.strerror(number), path) from error
+        raise
+
+
+@contextlib.contextmanager
+def appending(path):
+    """open(path, "a+b"), with `path` named in an OSError from write() (see writing)."""
+    try:
+        with open(path, "a+b") as f:
+            yield f
+    except OSError as error:
+        if error.filename is None:
             error.filename = path
         raise
 

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from utils.files import publish
+from utils.files import appending, writing
 
 
 def pearson(a, b):
@@ -45,7 +45,7 @@ def append_jsonl(path, record):
 
     A line cut short by a kill mid-write is ended first, so the new record starts on a line of its own.
     """
-    with open(path, "a+b") as f:
+    with appending(path) as f:
         cut_short = False
         if f.seek(0, os.SEEK_END) > 0:
             f.seek(-1, os.SEEK_END)
@@ -110,9 +110,9 @@ def plot_curves(path, records, x_key, panels, title, columns=3):
         axis.set_visible(False)
     figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path + ".tmp.png", dpi=100)
+    with writing(path) as temp_path:
+        figure.savefig(temp_path, dpi=100, format="png")
     plt.close(figure)
-    publish(path + ".tmp.png", path)
 
 
 def _is_number(value):
@@ -136,5 +136,5 @@ def contact_sheet(path, images, captions, thumbnail=128, columns=8):
         sheet.paste(image, (x + (thumbnail - image.width) // 2, y + (thumbnail - image.height) // 2))
         draw.multiline_text((x + thumbnail // 2, y + thumbnail), caption, fill="black", font=font, anchor="ma",
                             align="center", spacing=2)
-    sheet.save(path + ".tmp.png")
-    publish(path + ".tmp.png", path)
+    with writing(path) as temp_path:
+        sheet.save(temp_path, format="PNG")
