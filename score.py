@@ -184,6 +184,8 @@ def check_request(method, headers, port, hosts, any_ip):
 class RatingPageHandler(BaseHTTPRequestHandler):
     """GET the page, /api/state, /scores.json and /images/<seed>.png; POST /api/score. Anything else is a 404."""
 
+    timeout = 60  # seconds a client may stall mid-request before its thread gives up on it
+
     def parse_request(self):
         """Every request passes check_request before any route sees it (whatever its method)."""
         if not super().parse_request():
@@ -258,7 +260,8 @@ class RatingServer(ThreadingHTTPServer):
     folder_lock = None
 
     def handle_error(self, request, client_address):
-        if not isinstance(sys.exc_info()[1], ConnectionError):  # the browser dropped an image it scrolled past
+        # the browser dropped an image it scrolled past, or a client stalled past the timeout
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
             super().handle_error(request, client_address)
 
     def server_close(self):

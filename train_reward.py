@@ -125,7 +125,7 @@ def encode_images(settings, unencoded, latents, device, size=None):
         try:
             with Image.open(path) as image:
                 rgb = image.convert("RGB")
-        except (OSError, SyntaxError, ValueError) as error:  # garbage or truncated; PIL raises all three
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:  # PIL raises all of these
             raise UserError(f"{path} is not a readable image ({error}) and has no saved latent: move it away "
                             "or remove its rating.") from None
         pixels = pipeline.image_processor.preprocess(rgb, height, width).to(device)
@@ -240,6 +240,10 @@ def main(settings):
             best_state = {k: v.clone() for k, v in model.state_dict().items()}
 
     # ---------------------------------------------------------------- SAVE the best epoch
+    if not all(torch.isfinite(v).all() for v in best_state.values()):
+        raise UserError(f"training diverged (the weights became NaN or infinite; train_reward_learning_rate="
+                        f"{settings.train_reward_learning_rate} may be too high); {settings.reward_model_path} "
+                        "was not written.")
     model.load_state_dict(best_state)
     save_reward_model(model, settings.reward_model_path, {
         "epoch": best["epoch"], "test_loss": best.get("test_loss"), "test_pearson": best.get("test_pearson"),

@@ -79,7 +79,8 @@ def test_a_broken_latent_names_its_file(rated, break_file):
 
 
 @pytest.mark.parametrize("tensors", [{"latent": torch.zeros(16)}, {"latent": torch.zeros(3, 8, 8)},
-                                     {"latent": torch.zeros(4, 0, 8)}, {"other": torch.zeros(4, 8, 8)}])
+                                     {"latent": torch.zeros(4, 0, 8)}, {"other": torch.zeros(4, 8, 8)},
+                                     {"latent": torch.full((4, 8, 8), float("nan"))}])
 def test_a_latent_of_the_wrong_shape_or_key_names_its_file(tmp_path, tensors):
     path = str(tmp_path / "1.safetensors")
     save_file(tensors, path)
@@ -147,6 +148,16 @@ def test_a_split_that_leaves_nothing_to_train_on_is_refused(rated):
         train_reward.main(settings)
     one_sentence(refusal, "train_reward_test_split_ratio=0.9", f"all {len(SEEDS)} ratings")
     assert snapshot(samples) == before and not os.path.exists(settings.reward_model_path)
+
+
+def test_a_diverged_reward_model_is_not_saved(rated):
+    samples, settings = rated
+    settings.train_reward_learning_rate = 1e30
+    settings.train_reward_test_split_ratio = 0.0
+    with pytest.raises(UserError) as refusal:
+        train_reward.main(settings)
+    one_sentence(refusal, "NaN or infinite", "train_reward_learning_rate=1e+30", settings.reward_model_path)
+    assert not os.path.exists(settings.reward_model_path)
 
 
 # ---------------------------------------------------------------- the reward model

@@ -52,7 +52,12 @@ def reward_model_metadata(path):
             metadata = json.loads((f.metadata() or {}).get("almostperfect", "{}"))
     except (SafetensorError, OSError, ValueError) as error:
         raise _unreadable(path, f"not a reward model saved by train_reward.py ({error})") from None
-    return metadata if isinstance(metadata, dict) else {}
+    if not isinstance(metadata, dict):
+        return {}
+    shape = metadata.get("latent_shape")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(type(n) is int and n > 0 for n in shape)):
+        metadata.pop("latent_shape", None)  # written by hand or by another program: not to be trusted
+    return metadata
 
 
 def load_reward_model(path, device="cpu"):

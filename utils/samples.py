@@ -66,9 +66,12 @@ def load_latent(path):
     except (SafetensorError, OSError, KeyError, ValueError) as error:
         problem = f"not a saved latent ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
     else:
-        if latent.ndim == 3 and latent.shape[0] == 4 and min(latent.shape) > 0:
+        if not (latent.ndim == 3 and latent.shape[0] == 4 and min(latent.shape) > 0):
+            problem = f"a tensor of shape {tuple(latent.shape)}, not a latent (4, height/8, width/8)"
+        elif not torch.isfinite(latent).all():
+            problem = "a latent with NaN or infinite values"
+        else:
             return latent
-        problem = f"a tensor of shape {tuple(latent.shape)}, not a latent (4, height/8, width/8)"
     raise UserError(f"{path} is {problem}: move it away (the image is then VAE-encoded from its PNG) "
                     "or remove the image's rating.")
 
