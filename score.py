@@ -31,7 +31,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
 from utils.cli import UserError, run_stage
-from utils.files import MAX_SCORE, MIN_SCORE, parse_json, read_json, round_file_problem, scores_format_problem, write_json_atomic
+from utils.files import (MAX_SCORE, MIN_SCORE, parse_json, read_json, round_file_problem, scores_format_problem,
+                         write_json_atomic)
 from utils.locks import FolderLock
 from utils.samples import (finish_interrupted_archive, is_round_image, parse_webui_parameters, read_png_parameters,
                            round_images)

@@ -14,7 +14,8 @@ folder. A lock whose owner is gone is stale and is taken over: on this host when
 (or is running but is another process, told by its start time in /proc), on another host (a shared
 network folder) when it is older than OTHER_HOST_STALE_S. A SIGKILL leaves the file behind; the next
 start recognises it as stale. Threads of one process share a pid, so a second lock in the same process
-is refused too.
+is refused too. Under `accelerate launch`, only the main process takes the lock (it speaks for all of
+them; when it is refused and exits, the launcher stops the others).
 """
 
 import json
