@@ -65,6 +65,8 @@ def load_scores(score_path):
         problem = scores_format_problem(scores)
     except ValueError as error:  # not JSON, not UTF-8, or nested too deeply
         problem = f"not valid JSON ({error})"
+    except OSError as error:  # a folder in its place, no permission: nothing to set aside
+        raise UserError(f"cannot read {score_path} ({error.strerror}); fix or move it, then start again.") from None
     if problem is None:
         outside = [name for name in scores if round_file_problem(name)]
         if outside:  # kept as they are, but never shown, served or scored

@@ -52,6 +52,8 @@ def read_scores(path):
         scores = read_json(path)
     except ValueError as error:  # not JSON, not UTF-8, or nested too deeply
         raise UserError(f"{path} is not valid JSON ({error}); fix it or rate again with `python score.py`.") from None
+    except OSError as error:
+        raise UserError(f"cannot read {path} ({error.strerror}); check its permissions.") from None
     problem = scores_format_problem(scores)
     if problem:
         raise UserError(f"{path} is {problem}; fix it or rate again with `python score.py`.")

@@ -329,3 +329,14 @@ def test_settings_in_range_pass():
     settings = parse_settings(["--device=cpu", "--num_inference_steps=1000", "--height=64", "--seed=0",
                                "--train_preview_seeds=", "--sample_path=x/", "--score_path=x/my_scores.json"])
     assert settings.num_inference_steps == 1000 and settings.score_path == "x/my_scores.json"
+
+
+def test_a_scores_json_that_cannot_be_read_is_a_sentence(rated):
+    import score
+    samples, settings = rated
+    os.remove(samples / "scores.json")
+    (samples / "scores.json").mkdir()
+    with pytest.raises(UserError) as refusal:
+        score.load_scores(str(samples / "scores.json"))
+    one_sentence(refusal, samples / "scores.json")
+    assert (samples / "scores.json").is_dir()

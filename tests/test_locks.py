@@ -127,3 +127,9 @@ def test_many_processes_at_once_exactly_one_gets_it(tmp_path):
         process.communicate(timeout=60)
     assert outcomes == ["got"] + ["refused"] * 3
     assert not (folder / ".lock").exists()
+
+
+def test_a_folder_that_is_a_file_is_a_sentence(tmp_path):
+    (tmp_path / "samples").write_text("not a folder")
+    with pytest.raises(UserError, match="cannot use .*samples as a folder"):
+        FolderLock(tmp_path / "samples", "generate").acquire()

@@ -69,13 +69,19 @@ class FolderLock:
         self.held = False
 
     def acquire(self):
-        os.makedirs(self.folder, exist_ok=True)
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+        except OSError as error:  # a file of that name, no permission
+            raise UserError(f"cannot use {self.folder} as a folder ({error.strerror}); check the path setting.") from None
         for _ in range(3):  # a stale lock is moved aside, then the creation is tried again
             try:
                 handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 self._take_over_if_stale()
                 continue
+            except OSError as error:  # a read-only folder
+                raise UserError(f"cannot write the lock file {self.path} ({error.strerror}): {self.stage} needs "
+                                f"to write in {self.folder}.") from None
             with os.fdopen(handle, "w") as f:
                 json.dump(self.owner, f)
                 f.flush()
