@@ -84,6 +84,8 @@ FILE_REFUSALS = {
     "round.json truncated": (with_file("samples/round.json", b'{"parameters": {"prompt": "a', rated_round(NO_SCORES)),
                              "generate", ["--checkpoint_path={tiny_checkpoint}", "--generate_lora=none"],
                              ["{sample_path}round.json", "move it away"]),
+    "models is a file": (with_file("models", b"", rated_round(VALID_SCORES)), "train_reward",
+                         ["--train_reward_num_epochs=1"], ["cannot use {model_path}", "check that path"]),
     "latent truncated": (with_file("samples/latents/105.safetensors", b"\x08\x00\x00", rated_round(VALID_SCORES)),
                          "train_reward", [], ["{sample_path}latents/105.safetensors", "move it away"]),
 }

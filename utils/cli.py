@@ -227,11 +227,15 @@ def run_stage(main, used_settings):
               file=sys.stderr)
         sys.exit(1)
     except OSError as error:
-        if error.errno not in DISK_FULL:
+        if error.errno in DISK_FULL:
+            print(f"error: no space left to write {error.filename or 'a file'} ({error.strerror}): free some disk "
+                  "space and run the same command again; everything saved before is kept.", file=sys.stderr)
+            sys.exit(1)
+        if error.filename is None:  # not about a path of the user's: a bug, whose traceback helps
             raise
-        print(f"error: no space left to write {error.filename or 'a file'} ({error.strerror}): free some disk space "
-              "and run the same command again; everything saved before is kept.", file=sys.stderr)
-        sys.exit(1)
+        print(f"error: cannot use {error.filename} ({error.strerror}): check that path and its permissions "
+              "(a file where a folder should be, or the other way round?).", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("\ninterrupted: everything saved so far is kept; run the same command again to go on.", file=sys.stderr)
         sys.exit(130)
