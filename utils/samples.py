@@ -22,6 +22,7 @@ _NEGATIVE = "Negative prompt:"
 LATENTS = "latents"
 HISTORY = "history"
 ROUND_FILE = "round.json"
+_PARTIAL = re.compile(r"\.round_(\d+)\.partial")  # history/.round_NNN.partial: a round being moved there
 STAYS = {HISTORY, ".lock"}  # what archiving a round leaves in the samples folder (utils/locks.py's lock)
 
 
@@ -91,9 +92,6 @@ def interrupted_archives(folder):
     if not os.path.isdir(history):
         return []
     return [os.path.join(history, n) for n in sorted(os.listdir(history)) if _PARTIAL.fullmatch(n)]
-
-
-_PARTIAL = re.compile(r"\.round_(\d+)\.partial")
 
 
 def archive_round(folder):
