@@ -133,3 +133,10 @@ def test_a_folder_that_is_a_file_is_a_sentence(tmp_path):
     (tmp_path / "samples").write_text("not a folder")
     with pytest.raises(UserError, match="cannot use .*samples as a folder"):
         FolderLock(tmp_path / "samples", "generate").acquire()
+
+
+def test_a_folder_in_place_of_the_lock_is_a_sentence(tmp_path):
+    (tmp_path / ".lock").mkdir()
+    with pytest.raises(UserError, match="not one"):
+        FolderLock(tmp_path, "generate").acquire()
+    assert (tmp_path / ".lock").is_dir()

@@ -99,6 +99,8 @@ class FolderLock:
                 raw = f.read()
         except FileNotFoundError:
             return None, None, None
+        except OSError:  # unreadable: its owner's to judge by age alone
+            return None, None, age
         try:
             owner = json.loads(raw)
         except ValueError:
@@ -106,6 +108,9 @@ class FolderLock:
         return (owner if isinstance(owner, dict) else None), raw, age
 
     def _take_over_if_stale(self):
+        if os.path.lexists(self.path) and not os.path.isfile(self.path):
+            raise UserError(f"{self.path} is in the way of {self.stage}'s lock file and is not one (a folder or a "
+                            "link?); move it away and run again.")
         owner, raw, age = self._read(self.path)
         if age is None:
             return  # released meanwhile: try again
