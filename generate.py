@@ -8,23 +8,25 @@ Writes  samples/<seed>.png with WebUI-style `parameters`, samples/latents/<seed>
         latent, so no stage re-encodes PNGs), samples/round.json (the round's settings and seeds).
 An interrupted run resumes: run it again and only the missing images are made. A new round (other
 settings or LoRA, or the current one already rated) first moves the old one to samples/history/.
+While it runs, samples/.lock keeps other generate runs and the rating page off the folder.
 """
 
-import json
+import contextlib
 import os
 import random
 
 import torch
 from accelerate import PartialState
-from diffusers.utils import logging as diffusers_logging
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from utils.checkpoint import model_identity
 from utils.cli import UserError, run_stage
-from utils.files import publish, write_json_atomic
-from utils.lora import latest_lora, ui_lora_name
-from utils.samples import ROUND_FILE, archive_round, latent_file, round_images, save_latent, webui_parameters
+from utils.files import crash_point, read_json, write_json_atomic, writing
+from utils.locks import folder_lock
+from utils.lora import latest_lora, load_lora_into_pipeline, ui_lora_name
+from utils.samples import (ROUND_FILE, archive_round, finish_interrupted_archive, latent_file, round_images,
+                           save_latent, webui_parameters)
 from utils.sampling import decode_latents, load_pipeline
 
 USED_SETTINGS = ["checkpoint_path", "checkpoint_config", "sample_path", "score_path", "lora_path", "lora_name_prefix",
@@ -55,15 +57,29 @@ def round_parameters(settings, lora):
             "guidance_scale": settings.guidance_scale, "eta": settings.eta}
 
 
+def read_round(round_path):
+    """round.json's {"parameters": {...}, "seeds": [int, ...]}, None if absent; UserError if malformed."""
+    if not os.path.isfile(round_path):
+        return None
+    advice = ("restore it, or move it away and generate.py starts a new round (this round's images and "
+              "scores are then moved to history/ as they are).")
+    try:
+        current = read_json(round_path)
+    except (ValueError, OSError) as error:
+        raise UserError(f"{round_path} is not valid JSON ({error}); {advice}") from None
+    seeds = current.get("seeds") if isinstance(current, dict) else None
+    if not (isinstance(seeds, list) and isinstance(current.get("parameters"), dict)
+            and all(type(seed) is int and 0 <= seed < 2**32 for seed in seeds)):
+        raise UserError(f'{round_path} is not {{"parameters": {{...}}, "seeds": [whole numbers]}}; {advice}')
+    return current
+
+
 def plan_round(settings, parameters):
     """Start or resume the round in sample_path; returns its seeds. Moves an earlier round to history/."""
     folder = settings.sample_path
-    os.makedirs(folder, exist_ok=True)
+    finish_interrupted_archive(folder)  # before looking at round.json: it may belong to that half-moved round
     round_path = os.path.join(folder, ROUND_FILE)
-    current = None
-    if os.path.isfile(round_path):
-        with open(round_path) as f:
-            current = json.load(f)
+    current = read_round(round_path)
     resumable = current and current["parameters"] == parameters and not os.path.exists(settings.score_path)
     if not resumable:
         moved = archive_round(folder)
@@ -84,24 +100,27 @@ def plan_round(settings, parameters):
 def save_image(folder, seed, image, latent, parameters_text):
     """Latent first, PNG last and renamed into place: a PNG on disk means the image is complete."""
     save_latent(latent_file(folder, f"{seed}.png"), latent)
+    crash_point("generate.latent_saved")
     info = PngInfo()
     info.add_text("parameters", parameters_text)
-    path = os.path.join(folder, f"{seed}.png")
-    image.save(path + ".tmp", format="PNG", pnginfo=info)
-    publish(path + ".tmp", path)
+    with writing(os.path.join(folder, f"{seed}.png")) as temp_path:
+        image.save(temp_path, format="PNG", pnginfo=info)
 
 
 def main(settings):
     state = PartialState(cpu=settings.device == "cpu")
+    # one writer per samples folder (the main process speaks for all of an accelerate launch's processes)
+    with folder_lock(settings.sample_path, "generate") if state.is_main_process else contextlib.nullcontext():
+        generate(settings, state)
+
+
+def generate(settings, state):
     lora = resolve_lora(settings)
     dtype = torch.float16 if state.device.type == "cuda" else torch.float32
     pipeline = load_pipeline(settings.checkpoint_path, state.device, dtype, settings.checkpoint_config)
     lora_name = None
     if lora:
-        verbosity = diffusers_logging.get_verbosity()
-        diffusers_logging.set_verbosity_error()  # our LoRAs hold UNet keys only: no "No LoRA keys ... CLIPTextModel"
-        pipeline.load_lora_weights(lora)
-        diffusers_logging.set_verbosity(verbosity)
+        load_lora_into_pipeline(pipeline, lora)
         lora_name = ui_lora_name(lora)
     if state.is_main_process:
         print(f"LoRA: {lora}" if lora else "LoRA: none (base model)")
@@ -114,8 +133,7 @@ def main(settings):
     if state.is_main_process:
         plan_round(settings, round_parameters(settings, lora))
     state.wait_for_everyone()
-    with open(os.path.join(settings.sample_path, ROUND_FILE)) as f:
-        seeds = json.load(f)["seeds"][: settings.generate_sample_size]
+    seeds = read_round(os.path.join(settings.sample_path, ROUND_FILE))["seeds"][: settings.generate_sample_size]
     done = set(round_images(settings.sample_path))
     missing = [s for s in seeds if f"{s}.png" not in done]
     if state.is_main_process:

@@ -12,6 +12,9 @@ Reads   samples/<seed>.png and its `parameters` text chunk (prompt, seed, LoRA),
 Writes  samples/scores.json at every change, atomically; scores of files not in the round are kept.
         A scores.json that is not in that format is renamed to scores.json.invalid-<time>, never deleted.
 Serves  the page in utils/score_page/ and the round's PNGs, nothing else (not latents/, not history/).
+Only to the person at this machine: requests naming another host (DNS rebinding), writes from another
+web page (their Origin), and framing by another site are refused; see check_request. While it runs,
+samples/.lock keeps generate.py (and a second page) off the folder.
 """
 
 import datetime
@@ -19,6 +22,8 @@ import errno
 import ipaddress
 import json
 import os
+import re
+import socket
 import sys
 import threading
 import webbrowser
@@ -26,8 +31,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
 from utils.cli import UserError, run_stage
-from utils.files import MAX_SCORE, MIN_SCORE, scores_format_problem, write_json_atomic
-from utils.samples import parse_webui_parameters, read_png_parameters, round_images
+from utils.files import (MAX_SCORE, MIN_SCORE, parse_json, read_json, round_file_problem, scores_format_problem,
+                         write_json_atomic)
+from utils.locks import FolderLock
+from utils.samples import (finish_interrupted_archive, is_round_image, parse_webui_parameters, read_png_parameters,
+                           round_images)
 
 USED_SETTINGS = ["sample_path", "score_path", "score_host", "score_port", "score_open_browser"]
 
@@ -36,6 +44,14 @@ PAGE_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "utils", 
 PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
               "/score.css": ("score.css", "text/css; charset=utf-8"),
               "/score.js": ("score.js", "text/javascript; charset=utf-8")}
+HOST_HEADER = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9.\-]+)(?::(\d{1,5}))?")  # name or [IPv6], then :port
+LOOPBACK_NAMES = {"127.0.0.1", "localhost", "[::1]"}
+WILDCARD_HOSTS = {"0.0.0.0", "::", ""}
+# Sent with every answer: no other site may frame the page (clickjacking), embed its images or make the
+# browser guess a type; the page itself needs nothing from anywhere else.
+SECURITY_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'",
+                    "X-Content-Type-Options": "nosniff", "Cross-Origin-Resource-Policy": "same-origin",
+                    "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 
 
 # ---------------------------------------------------------------- the round and its scores
@@ -45,12 +61,17 @@ def load_scores(score_path):
     if not os.path.exists(score_path):
         return {}, None
     try:
-        with open(score_path, encoding="utf-8") as f:
-            scores = json.load(f)
+        scores = read_json(score_path)
         problem = scores_format_problem(scores)
-    except ValueError as error:  # not JSON, or not UTF-8
+    except ValueError as error:  # not JSON, not UTF-8, or nested too deeply
         problem = f"not valid JSON ({error})"
+    except OSError as error:  # a folder in its place, no permission: nothing to set aside
+        raise UserError(f"cannot read {score_path} ({error.strerror}); fix or move it, then start again.") from None
     if problem is None:
+        outside = [name for name in scores if round_file_problem(name)]
+        if outside:  # kept as they are, but never shown, served or scored
+            print(f"warning: {score_path} has {len(outside)} entries that name no file of the round (such as "
+                  f"{outside[0]!r}); they are kept in the file and ignored.")
         return scores, None
     aside = f"{score_path}.invalid-{datetime.datetime.now():%Y%m%d-%H%M%S-%f}"
     os.replace(score_path, aside)
@@ -63,14 +84,18 @@ def describe_image(folder, name, score):
     """What the page shows of one image: its score and the prompt, seed and LoRA it was made with."""
     try:
         text = read_png_parameters(os.path.join(folder, name))
-    except OSError:  # not a readable PNG; the browser will show it as broken, the page still works
-        text = None
-    parameters = parse_webui_parameters(text or "")
+    except Exception:  # noqa: BLE001 - garbage, truncated: PIL raises many kinds. The browser shows it broken;
+        text = None    # the page and every other image still work
+    parameters = parse_webui_parameters(text if isinstance(text, str) else "")
     width, _, height = parameters["settings"].get("Size", "").partition("x")
     return {"file": name, "score": score, "prompt": parameters["prompt"],
             "seed": parameters["settings"].get("Seed", os.path.splitext(name)[0]),
             "lora": ", ".join(f"{lora}:{weight}" for lora, weight in parameters["loras"]),
-            "width": int(width) if width.isdigit() else None, "height": int(height) if height.isdigit() else None}
+            "width": _size(width), "height": _size(height)}
+
+
+def _size(text):
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 class RatingRound:
@@ -99,9 +124,9 @@ class RatingRound:
 def parse_score_request(body, round_names):
     """(file, score) from a POST body {"file": "<seed>.png", "score": -5..5 or null}; ValueError says what is wrong."""
     try:
-        request = json.loads(body)
+        request = parse_json(body)
     except ValueError:
-        raise ValueError("the request body is not JSON") from None
+        raise ValueError("the request body is not JSON, or is nested too deeply") from None
     if not isinstance(request, dict) or set(request) != {"file", "score"}:
         raise ValueError('send {"file": "<seed>.png", "score": <-5..5, or null to remove it>}')
     file, score = request["file"], request["score"]
@@ -115,8 +140,65 @@ def parse_score_request(body, round_names):
 
 # ---------------------------------------------------------------- the HTTP server
 
+def allowed_hosts(score_host):
+    """Host names the page answers to: loopback, the configured host, and, listening on every address,
+    this machine's names and any IP address (a rebinding attack needs a DNS name; an IP cannot be rebound)."""
+    hosts = set(LOOPBACK_NAMES)
+    if score_host in WILDCARD_HOSTS:
+        hosts |= {socket.gethostname().lower(), socket.getfqdn().lower()}
+    else:
+        hosts.add(f"[{score_host}]" if ":" in score_host else score_host.lower())
+    return hosts
+
+
+def is_ip_literal(host):
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return False
+
+
+def check_request(method, headers, port, hosts, any_ip):
+    """Why a request must be refused, or None: the one guard in front of every route.
+
+    Host must name this page (`hosts`, with `port`; any IP address if `any_ip`): a web page whose DNS
+    name is made to point at 127.0.0.1 (DNS rebinding) sends its own name. A write (anything but GET
+    and HEAD) from a browser must come from the page itself: its Origin, when sent, must be this
+    page's address (a `null` Origin, from a sandboxed frame or a file, is refused too), and
+    Sec-Fetch-Site, when sent, must be same-origin.
+    """
+    host = (headers.get("Host") or "").strip().lower()
+    match = HOST_HEADER.fullmatch(host)
+    name, host_port = (match.group(1), match.group(2) or "80") if match else (None, None)
+    if not (match and (name in hosts or (any_ip and is_ip_literal(name))) and host_port == str(port)):
+        return f"this page answers only to its own address, such as http://127.0.0.1:{port}/, not to Host {host!r}"
+    if method in ("GET", "HEAD"):
+        return None
+    origin = headers.get("Origin")
+    if origin is not None and origin.strip().lower() != f"http://{host}":
+        return f"a change may only come from this page itself (http://{host}), not from origin {origin!r}"
+    fetch_site = headers.get("Sec-Fetch-Site")
+    if fetch_site is not None and fetch_site.strip().lower() != "same-origin":
+        return f"a change may only come from this page itself, not from a {fetch_site} request"
+    return None
+
+
 class RatingPageHandler(BaseHTTPRequestHandler):
     """GET the page, /api/state, /scores.json and /images/<seed>.png; POST /api/score. Anything else is a 404."""
+
+    timeout = 60  # seconds a client may stall mid-request before its thread gives up on it
+
+    def parse_request(self):
+        """Every request passes check_request before any route sees it (whatever its method)."""
+        if not super().parse_request():
+            return False
+        server = self.server
+        problem = check_request(self.command, self.headers, server.server_address[1], server.hosts, server.any_ip)
+        if problem:
+            self.send_json(403, {"error": problem})
+            return False
+        return True
 
     def do_GET(self):
         path = unquote(urlsplit(self.path).path)
@@ -128,8 +210,8 @@ class RatingPageHandler(BaseHTTPRequestHandler):
             self.send_json(200, rating_round.state())
         elif path == "/scores.json":  # set_score swaps in a new dict, so this one is never half-changed
             self.send_json(200, rating_round.scores, {"Content-Disposition": 'attachment; filename="scores.json"'})
-        elif path.startswith("/images/") and path.removeprefix("/images/") in round_images(rating_round.sample_path):
-            # only names listed in the folder pass: "..", "/" or an encoded path can never match one
+        elif path.startswith("/images/") and is_round_image(rating_round.sample_path, path.removeprefix("/images/")):
+            # only <digits>.png, a real file of the folder, passes: "..", "/", an encoded path or a symlink out never
             self.send_file(os.path.join(rating_round.sample_path, path.removeprefix("/images/")), "image/png")
         else:
             self.send_json(404, {"error": f"not found: {path}"})
@@ -158,13 +240,16 @@ class RatingPageHandler(BaseHTTPRequestHandler):
         self.send_body(status, json.dumps(obj).encode(), "application/json", headers)
 
     def send_file(self, path, content_type):
-        with open(path, "rb") as f:
-            self.send_body(200, f.read(), content_type)
+        try:
+            with open(path, "rb") as f:
+                body = f.read()
+        except OSError:  # gone since it was listed (a new round started)
+            return self.send_json(404, {"error": "not found"})
+        self.send_body(200, body, content_type)
 
     def send_body(self, status, body, content_type, headers=None):
         self.send_response(status)
-        headers = {"Content-Type": content_type, "Content-Length": str(len(body)), "Cache-Control": "no-store",
-                   "X-Content-Type-Options": "nosniff", **(headers or {})}
+        headers = {"Content-Type": content_type, "Content-Length": str(len(body)), **SECURITY_HEADERS, **(headers or {})}
         for name, value in headers.items():
             self.send_header(name, value)
         self.end_headers()
@@ -175,9 +260,17 @@ class RatingPageHandler(BaseHTTPRequestHandler):
 
 
 class RatingServer(ThreadingHTTPServer):
+    folder_lock = None
+
     def handle_error(self, request, client_address):
-        if not isinstance(sys.exc_info()[1], ConnectionError):  # the browser dropped an image it scrolled past
+        # the browser dropped an image it scrolled past, or a client stalled past the timeout
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
             super().handle_error(request, client_address)
+
+    def server_close(self):
+        super().server_close()
+        if self.folder_lock:
+            self.folder_lock.release()
 
 
 def make_server(settings):
@@ -192,8 +285,16 @@ def make_server(settings):
             raise UserError(f"cannot listen on {host}:{port} ({error}); check --score_host.") from None
         print(f"port {port} is taken; using a free one")
         server = RatingServer((host, 0), RatingPageHandler)
+    server.hosts, server.any_ip = allowed_hosts(host), host in WILDCARD_HOSTS
     # only once listening, so that a failed start renames no invalid scores.json
-    server.rating_round = RatingRound(settings.sample_path, settings.score_path)
+    server.folder_lock = FolderLock(settings.sample_path, "score")
+    try:
+        server.folder_lock.acquire()
+        finish_interrupted_archive(settings.sample_path)
+        server.rating_round = RatingRound(settings.sample_path, settings.score_path)
+    except BaseException:
+        server.server_close()
+        raise
     return server
 
 

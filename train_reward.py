@@ -16,7 +16,6 @@ against your own taste: prints the ranking and writes models/ranking.json and mo
 (a contact sheet in rank order); nothing is written into the ranked folder.
 """
 
-import json
 import math
 import os
 import time
@@ -26,10 +25,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from utils.cli import UserError, run_stage
-from utils.files import scores_format_problem, write_json_atomic
+from utils.files import read_json, round_file_problem, scores_format_problem, write_json_atomic
 from utils.metrics import append_jsonl, contact_sheet, pairwise_accuracy, pearson, plot_curves, read_jsonl, spearman
-from utils.reward_model import LatentRewardModel, load_reward_model, reward_model_metadata, save_reward_model
-from utils.samples import history_rounds, latent_file, load_latent
+from utils.reward_model import (MIN_LATENT_SIZE, LatentRewardModel, load_reward_model, reward_model_metadata,
+                                save_reward_model)
+from utils.samples import history_rounds, interrupted_archives, latent_file, lives_in, load_latent
 from utils.sampling import load_pipeline
 
 USED_SETTINGS = ["sample_path", "score_path", "model_path", "reward_model_path", "checkpoint_path", "checkpoint_config", "device",
@@ -42,26 +42,39 @@ SHEET_IMAGES = 48  # the contact sheet shows all images up to this many, else th
 
 
 def read_scores(path):
-    """{image name: score} from a scores.json; any malformed entry is an error that names it."""
+    """{image name: score} from a scores.json; a malformed file is an error that names the entry.
+
+    Entries that name no plain file of the round (`../x.png`, `/abs/x.png`, `sub/x.png`) are skipped with a warning.
+    """
     if not os.path.isfile(path):
         raise UserError(f"{path} not found: rate a round first with `python score.py`.")
     try:
-        with open(path) as f:
-            scores = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        scores = read_json(path)
+    except ValueError as error:  # not JSON, not UTF-8, or nested too deeply
         raise UserError(f"{path} is not valid JSON ({error}); fix it or rate again with `python score.py`.") from None
+    except OSError as error:
+        raise UserError(f"cannot read {path} ({error.strerror}); check its permissions.") from None
     problem = scores_format_problem(scores)
     if problem:
         raise UserError(f"{path} is {problem}; fix it or rate again with `python score.py`.")
-    return scores
+    outside = [name for name in scores if round_file_problem(name)]
+    if outside:
+        print(f"warning: skipped {len(outside)} entries of {path} that name no file of its round "
+              f"(such as {outside[0]!r}): a rating names an image of its own folder only")
+    return {name: score for name, score in scores.items() if name not in outside}
 
 
 def rated_rounds(settings):
     """(folder, scores.json path) of every round to learn from: the current one, then history/."""
+    interrupted = interrupted_archives(settings.sample_path)
+    if interrupted:
+        raise UserError(f"{interrupted[0]} is a round whose move to history/ was interrupted: run "
+                        "`python generate.py` or `python score.py` once to finish the move, then train again.")
     rounds = [(settings.sample_path, settings.score_path)]
+    score_name = os.path.basename(settings.score_path)  # archiving moves it with the round, under its own name
     if settings.train_reward_use_history:
-        rounds += [(folder, os.path.join(folder, "scores.json")) for folder in history_rounds(settings.sample_path)
-                   if os.path.isfile(os.path.join(folder, "scores.json"))]
+        rounds += [(folder, os.path.join(folder, score_name)) for folder in history_rounds(settings.sample_path)
+                   if os.path.isfile(os.path.join(folder, score_name))]
     return rounds
 
 
@@ -73,13 +86,13 @@ def load_pairs(settings, device):
         rounds = rounds[1:]  # the current round is not rated yet; learn from the rated history
     for folder, score_file in rounds:
         for name, score in read_scores(score_file).items():
-            image_path, saved = os.path.join(folder, name), latent_file(folder, name)
-            if os.path.isfile(saved):
+            saved = latent_file(folder, name)
+            if lives_in(os.path.dirname(saved), os.path.basename(saved)):
                 latents.append(load_latent(saved))
-            elif os.path.isfile(image_path):
-                unencoded.append((len(latents), image_path))
+            elif lives_in(folder, name):
+                unencoded.append((len(latents), os.path.join(folder, name)))
                 latents.append(None)
-            else:
+            else:  # gone, or a link to a file outside the round
                 missing += 1
                 continue
             scores.append(float(score))
@@ -94,6 +107,10 @@ def load_pairs(settings, device):
     keep = [i for i, s in enumerate(shapes) if s == common]
     if len(keep) < len(latents):
         print(f"skipped {len(latents) - len(keep)} ratings of images of another size than the majority's {common}")
+    if min(common[1:]) < MIN_LATENT_SIZE:
+        raise UserError(f"the rated images' latents are {common[1]}x{common[2]}, but the reward model needs at least "
+                        f"{MIN_LATENT_SIZE}x{MIN_LATENT_SIZE} (images of {MIN_LATENT_SIZE * 8} px): "
+                        "generate and rate larger images.")
     return torch.stack([latents[i] for i in keep]), torch.tensor([scores[i] for i in keep])
 
 
@@ -107,7 +124,13 @@ def encode_images(settings, unencoded, latents, device, size=None):
     pipeline = load_pipeline(settings.checkpoint_path, device, torch.float32, settings.checkpoint_config)
     height, width = size or (None, None)
     for index, path in tqdm(unencoded, desc="encoding", unit="img"):
-        pixels = pipeline.image_processor.preprocess(Image.open(path).convert("RGB"), height, width).to(device)
+        try:
+            with Image.open(path) as image:
+                rgb = image.convert("RGB")
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:  # PIL raises all of these
+            raise UserError(f"{path} is not a readable image ({error}) and has no saved latent: move it away "
+                            "or remove its rating.") from None
+        pixels = pipeline.image_processor.preprocess(rgb, height, width).to(device)
         latent = pipeline.vae.encode(pixels).latent_dist.mean * pipeline.vae.config.scaling_factor
         latents[index] = latent[0].cpu()  # (4, h/8, w/8)
 
@@ -176,6 +199,9 @@ def main(settings):
     torch.manual_seed(settings.seed)
     latents, scores = load_pairs(settings, device)  # (n, 4, h/8, w/8), (n,)
     train_idx, test_idx = split(len(scores), settings.train_reward_test_split_ratio)
+    if len(train_idx) == 0:
+        raise UserError(f"train_reward_test_split_ratio={settings.train_reward_test_split_ratio} holds out all "
+                        f"{len(scores)} ratings, leaving none to train on: lower it, or rate more images.")
     train_x, train_y = latents[train_idx].to(device), scores[train_idx].to(device)
     test_x, test_y = latents[test_idx].to(device), scores[test_idx].to(device)
     print(f"{len(scores)} ratings (mean {scores.mean():.2f}, variance {scores.var(unbiased=False):.2f}): "
@@ -216,13 +242,17 @@ def main(settings):
             best_state = {k: v.clone() for k, v in model.state_dict().items()}
 
     # ---------------------------------------------------------------- SAVE the best epoch
+    if not all(torch.isfinite(v).all() for v in best_state.values()):
+        raise UserError(f"training diverged (the weights became NaN or infinite; train_reward_learning_rate="
+                        f"{settings.train_reward_learning_rate} may be too high); {settings.reward_model_path} "
+                        "was not written.")
     model.load_state_dict(best_state)
     save_reward_model(model, settings.reward_model_path, {
         "epoch": best["epoch"], "test_loss": best.get("test_loss"), "test_pearson": best.get("test_pearson"),
         "latent_shape": list(latents.shape[1:]), "num_ratings": len(scores),
         "score_mean": scores.mean().item(), "score_std": scores.std().item() if len(scores) > 1 else 0.0})
     plot_path = os.path.join(settings.model_path, "reward_metrics.png")
-    plot_curves(plot_path, [r for r in read_jsonl(metrics_path) if r["run"] == run_started], "epoch",
+    plot_curves(plot_path, [r for r in read_jsonl(metrics_path) if r.get("run") == run_started], "epoch",
                 [("MSE loss", ["train_loss", "test_loss"]),
                  ("test set", ["test_pearson", "test_spearman", "test_pairwise_accuracy"])],
                 f"reward model, {len(scores)} ratings; saved epoch {best['epoch']} (best test loss)")

@@ -45,10 +45,15 @@ def run_script(name, *args, cwd, checkpoint=None, timeout=300, env=None):
     Each process gets one CPU thread unless OMP_NUM_THREADS is set: several PyTorch processes on a
     small machine, each spinning up a thread per core, run many times slower than one thread each.
     """
+    command, env = stage_command(name, *args, cwd=cwd, checkpoint=checkpoint, env=env)
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def stage_command(name, *args, cwd, checkpoint=None, env=None):
+    """(command, environment) that run_script runs; for a test that needs the process itself (Popen)."""
     settings = {**stage_paths(cwd, checkpoint), **TINY_SETTINGS}
     command = [sys.executable, str(REPO / f"{name}.py"), *(f"--{k}={v}" for k, v in settings.items()), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return command, {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
 
 
 def run_scripts(calls):

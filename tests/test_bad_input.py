@@ -8,14 +8,18 @@ checked in-process against the function that decides, which is fast.
 
 import importlib
 import json
+import os
 import re
+import resource
+import signal
+import subprocess
 
 import pytest
 import torch
 from PIL import Image
 
 import config
-from conftest import REPO, run_scripts, snapshot, stage_paths
+from conftest import REPO, run_scripts, snapshot, stage_command, stage_paths
 from train_reward import read_scores
 from utils.cli import SettingsError, UserError, defaults, parse_settings
 from utils.samples import latent_file, save_latent
@@ -46,6 +50,17 @@ def empty(folder):
     """Setup: nothing at all, not even a checkpoint."""
 
 
+def with_file(relative_path, content, then=empty):
+    """Setup: `then`, and `content` (bytes) written at folder/relative_path."""
+
+    def setup(folder):
+        then(folder)
+        (folder / relative_path).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative_path).write_bytes(content)
+
+    return setup
+
+
 # case: (setup, script, arguments, words the one error line must hold). Words and arguments are
 # formatted with the case folder's stage_paths and {tiny_checkpoint}.
 FILE_REFUSALS = {
@@ -62,6 +77,19 @@ FILE_REFUSALS = {
                   ["{score_path}", "'103.png'", "2.5", "whole number"]),
     "score '3'": (rated_round({"101.png": 1, "102.png": -2, "103.png": "3"}), "train_reward", [],
                   ["{score_path}", "'103.png'", "'3'", "whole number"]),
+    "reward model not safetensors": (with_file("models/reward_model.safetensors", b"\x80\x04garbage" * 50),
+                                     "train_policy", ["--checkpoint_path={tiny_checkpoint}"],
+                                     ["{reward_model_path}", "train_reward.py"]),
+    "LoRA to generate with truncated": (with_file("outputs/diffusers_lora_epoch_3.safetensors", b"\x10\x00" * 40),
+                                        "generate", ["--checkpoint_path={tiny_checkpoint}", "--generate_sample_size=1"],
+                                        ["{lora_path}diffusers_lora_epoch_3.safetensors", "not a readable"]),
+    "round.json truncated": (with_file("samples/round.json", b'{"parameters": {"prompt": "a', rated_round(NO_SCORES)),
+                             "generate", ["--checkpoint_path={tiny_checkpoint}", "--generate_lora=none"],
+                             ["{sample_path}round.json", "move it away"]),
+    "models is a file": (with_file("models", b"", rated_round(VALID_SCORES)), "train_reward",
+                         ["--train_reward_num_epochs=1"], ["cannot use {model_path}", "check that path"]),
+    "latent truncated": (with_file("samples/latents/105.safetensors", b"\x08\x00\x00", rated_round(VALID_SCORES)),
+                         "train_reward", [], ["{sample_path}latents/105.safetensors", "move it away"]),
 }
 # Settings are refused before any model loads: this folder holds no checkpoint, and the settings
 # error must come first, with nothing else printed (no "LoRA: ...", no progress). One run holds the
@@ -203,6 +231,29 @@ def test_help_lists_the_stages_settings_with_their_values(capsys):
     out = capsys.readouterr().out
     assert "--generate_lora=latest" in out and "--height=64" in out
     assert "--train_clip_range" not in out
+
+
+def test_a_full_disk_is_one_sentence_naming_the_file_and_the_saved_model_is_kept(tmp_path):
+    """A file-size limit makes the kernel refuse writes as a full disk would (EFBIG, like ENOSPC)."""
+    rated_round(VALID_SCORES)(tmp_path)
+    saved = tmp_path / "models" / "reward_model.safetensors"
+    saved.parent.mkdir()
+    saved.write_bytes(b"the model trained last week")
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # then write() fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # the reward model is 8 MB
+
+    command, env = stage_command("train_reward", "--train_reward_num_epochs=1", "--train_reward_test_split_ratio=0.25",
+                                 cwd=tmp_path)
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+                            preexec_fn=limit_file_size)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"error: no space left to write {saved} (File too large): free some disk space "
+                                     "and run the same command again; everything saved before is kept.")
+    assert saved.read_bytes() == b"the model trained last week"
+    assert sorted(os.listdir(saved.parent)) == ["reward_metrics.jsonl", "reward_model.safetensors"]  # no temp file
 
 
 @pytest.mark.parametrize("stage", ["generate", "score", "train_reward", "train_policy"])

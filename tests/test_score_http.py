@@ -90,7 +90,7 @@ def test_page_needs_nothing_from_the_internet():
         assert not re.search(r"""(src|href)\s*=\s*["']//""", text), path
 
 
-def test_state_lists_the_round_in_seed_order_with_parameters_and_scores(round_folder, server):
+def test_state_lists_the_round_in_seed_order_with_parameters_and_scores(round_folder):
     write_json(round_folder / "scores.json", {"10.png": -2})
     with serving(round_folder, round_folder / "scores.json") as url:  # scores are read at start
         status, _, body = request(url, "GET", "/api/state")
@@ -127,7 +127,7 @@ def test_nothing_but_the_round_and_the_page_is_served(server, path):
 
 # ---------------------------------------------------------------- saving scores
 
-def test_each_score_is_saved_at_once_in_the_seed_format(round_folder, server):
+def test_each_score_is_saved_at_once_in_the_seed_format(round_folder):
     write_json(round_folder / "scores.json", {"2.png": 1, "gone.png": -3})  # gone.png: an image no longer here
     with serving(round_folder, round_folder / "scores.json") as url:
         assert post_score(url, "10.png", 3) == (200, {"file": "10.png", "score": 3})
@@ -197,7 +197,8 @@ def test_posts_that_are_not_json_requests_are_refused(round_folder, server):
 
 
 def test_a_failed_write_is_reported_not_hidden(round_folder):
-    with serving(round_folder, round_folder / "no such folder" / "scores.json") as url:
+    with serving(round_folder, round_folder / "scores.json") as url:
+        (round_folder / "scores.json").mkdir()  # in the way: the rename onto it fails
         status, answer = post_score(url, "2.png", 1)
     assert status == 500 and "cannot write" in answer["error"]
 

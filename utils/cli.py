@@ -5,6 +5,7 @@ checking them against each other and `--help` are here, so config.py stays a pag
 """
 
 import difflib
+import errno
 import math
 import os
 import sys
@@ -23,6 +24,9 @@ class SettingsError(UserError, ValueError):
     """A setting is unknown, mistyped or contradicts another one; the message says which."""
 
 
+MIN_IMAGE_SIZE = 64  # pixels: the reward CNN's three poolings need latents of at least 8x8
+SCHEDULER_TRAINING_STEPS = 1000  # SD1.5's DDIM scheduler has 1000 noise levels; more inference steps than that repeat none
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # no room on the disk, over the quota, over the size limit
 BOOL_OR_AUTO = {"train_gradient_checkpointing"}  # True, False or "auto"
 # A file inside a folder setting follows that folder when only the folder is overridden on the command line.
 FOLLOWS = {"score_path": ("sample_path", "scores.json"), "reward_model_path": ("model_path", "reward_model.safetensors")}
@@ -120,6 +124,17 @@ def stage_paths(folder, checkpoint=None):
     }
 
 
+def seed_list(text, name):
+    """[int, ...] from "0,1,2,3" ("" = none); SettingsError naming the setting otherwise."""
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise SettingsError(f"{name} must be whole numbers separated by commas (got {text!r}).") from None
+    if any(seed < 0 for seed in seeds):
+        raise SettingsError(f"{name} must be seeds of 0 or more (got {text!r}).")
+    return seeds
+
+
 def images_per_epoch(s):
     return s.train_sample_batch_size * s.train_sample_num_batches_per_epoch
 
@@ -139,6 +154,20 @@ def validate_settings(s, num_processes=1):
     for name in ("height", "width"):
         if getattr(s, name) <= 0 or getattr(s, name) % 8:
             raise SettingsError(f"{name} must be a positive multiple of 8 (got {getattr(s, name)}), since latents are 1/8 of the image size.")
+        if getattr(s, name) < MIN_IMAGE_SIZE:
+            raise SettingsError(f"{name} must be at least {MIN_IMAGE_SIZE} (got {getattr(s, name)}): the reward model "
+                                f"needs latents of at least {MIN_IMAGE_SIZE // 8}x{MIN_IMAGE_SIZE // 8}.")
+    if s.num_inference_steps > SCHEDULER_TRAINING_STEPS:
+        raise SettingsError(f"num_inference_steps must be at most {SCHEDULER_TRAINING_STEPS} (got {s.num_inference_steps}), "
+                            "the number of noise levels SD1.5's scheduler was trained with.")
+    if s.seed < 0:
+        raise SettingsError(f"seed must be 0 or more (got {s.seed}).")
+    seed_list(s.train_preview_seeds, "train_preview_seeds")
+    score_folder = os.path.dirname(os.path.abspath(s.score_path))
+    if os.path.realpath(score_folder) != os.path.realpath(s.sample_path):
+        raise SettingsError(
+            f"score_path {s.score_path!r} must be a file directly in sample_path {s.sample_path!r}: a round's ratings "
+            f"move to history/ with its images, and a scores.json elsewhere would be left behind.")
     for name in ("generate_sample_size", "generate_batch_size", "num_inference_steps", "train_reward_num_epochs",
                  "train_reward_batch_size", "train_policy_num_epochs", "train_save_freq", "train_sample_batch_size",
                  "train_sample_num_batches_per_epoch", "train_policy_batch_size", "train_optimizer_steps_per_epoch",
@@ -202,6 +231,16 @@ def run_stage(main, used_settings):
               f"train_gradient_checkpointing=auto make training fit by themselves. Everything saved so far is kept.",
               file=sys.stderr)
         sys.exit(1)
+    except OSError as error:
+        if error.errno in DISK_FULL:
+            print(f"error: no space left to write {error.filename or 'a file'} ({error.strerror}): free some disk "
+                  "space and run the same command again; everything saved before is kept.", file=sys.stderr)
+            sys.exit(1)
+        if error.filename is None:  # not about a path of the user's: a bug, whose traceback helps
+            raise
+        print(f"error: cannot use {error.filename} ({error.strerror}): check that path and its permissions "
+              "(a file where a folder should be, or the other way round?).", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("\ninterrupted: everything saved so far is kept; run the same command again to go on.", file=sys.stderr)
         sys.exit(130)

@@ -1,9 +1,13 @@
-"""Files that stages hand to each other: written safely (temp file + rename), and the scores format."""
+"""Files that stages hand to each other: written safely (temp file + rename), read safely, the scores format."""
 
+import contextlib
 import json
 import os
+import re
+import signal
 import tempfile
 
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust libraries (safetensors) report a system error
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read, then put back: the only portable way to learn the umask
 
@@ -17,6 +21,42 @@ def publish(temp_path, path):
     """
     os.chmod(temp_path, 0o666 & ~_UMASK)
     os.replace(temp_path, path)
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Around writing `temp path` (yielded) that is then published as `path`; on failure the temp file goes.
+
+    An OSError without a file name (a full disk shows up in write(), which names no file) gets
+    `path`, so that run_stage's sentence can say which file could not be written; so does the
+    system error inside a library's own exception (safetensors: "I/O error: ... (os error 28)").
+    """
+    temp_path = f"{path}.tmp"
+    try:
+        yield temp_path
+        publish(temp_path, path)
+    except BaseException as error:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp_path)
+        if isinstance(error, OSError) and error.filename is None:
+            error.filename = path
+        system_error = _OS_ERROR.search(str(error)) if not isinstance(error, OSError) else None
+        if system_error:
+            number = int(system_error.group(1))
+            raise OSError(number, os.strerror(number), path) from error
+        raise
+
+
+@contextlib.contextmanager
+def appending(path):
+    """open(path, "a+b"), with `path` named in an OSError from write() (see writing)."""
+    try:
+        with open(path, "a+b") as f:
+            yield f
+    except OSError as error:
+        if error.filename is None:
+            error.filename = path
+        raise
 
 
 def write_json_atomic(path, obj):
@@ -33,9 +73,34 @@ def write_json_atomic(path, obj):
             f.flush()
             os.fsync(f.fileno())  # the rename must not reach the disk before the data does
         publish(temp_path, path)
-    except BaseException:
+    except BaseException as error:
         os.unlink(temp_path)
+        if isinstance(error, OSError) and error.filename is None:
+            error.filename = path
         raise
+
+
+def parse_json(data):
+    """json.loads, with a nesting too deep for Python's parser a ValueError like any other malformed JSON."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def read_json(path):
+    """The JSON in `path`; ValueError (which says why) if it is not JSON, not UTF-8, or nested too deeply."""
+    with open(path, "rb") as f:
+        return parse_json(f.read())
+
+
+def crash_point(name):
+    """A test hook: with ALMOSTPERFECT_CRASH_AT=name in the environment, the process is SIGKILLed here.
+
+    Tests use it to prove that a crash at that moment (a power cut, an OOM kill) loses nothing.
+    """
+    if os.environ.get("ALMOSTPERFECT_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 MIN_SCORE, MAX_SCORE = -5, 5
@@ -48,4 +113,11 @@ def scores_format_problem(scores):
     for name, score in scores.items():
         if isinstance(score, bool) or not isinstance(score, int) or not MIN_SCORE <= score <= MAX_SCORE:
             return f"not in the expected format (the score of {name!r} is {score!r}, not a whole number from -5 to 5)"
+    return None
+
+
+def round_file_problem(name):
+    """Why a scores.json key cannot name a file of its round (a path, not a plain file name), or None."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+        return f"{name!r} is not a plain file name of the round's folder"
     return None

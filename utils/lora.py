@@ -8,6 +8,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_unet_state_dict_to_peft
+from diffusers.utils import logging as diffusers_logging
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
@@ -148,11 +149,51 @@ def latest_lora(folder, prefix=""):
     return max(found), found[max(found)]
 
 
+def _unet_lora_state(path):
+    """The UNet part of a saved diffusers-format LoRA, with peft keys; UserError if the file is not one."""
+    try:
+        state, _ = StableDiffusionPipeline.lora_state_dict(path)
+    except (OSError, ValueError, KeyError) as error:  # truncated, not safetensors, or no LoRA keys in it
+        raise UserError(f"{path} is not a readable diffusers-format LoRA ({str(error).splitlines()[0]}); "
+                        "give another file, or move this one away.") from None
+    unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+    if not unet_state:
+        raise UserError(f"{path} holds no UNet LoRA weights (it is not a LoRA saved by train_policy.py); "
+                        "give another file, or move this one away.")
+    return convert_unet_state_dict_to_peft(unet_state)
+
+
 def load_lora_into_unet(unet, path):
-    """Load a saved diffusers-format LoRA into the UNet's trainable adapter (to resume training)."""
-    state, _ = StableDiffusionPipeline.lora_state_dict(path)
-    unet_state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")})
-    incompatible = set_peft_model_state_dict(unet, unet_state, adapter_name="default")
+    """Load a saved diffusers-format LoRA into the UNet's trainable adapter (to resume training).
+
+    UserError naming the file when it is not a LoRA, was made for another UNet or with another rank.
+    """
+    unet_state = _unet_lora_state(path)
+    ranks = {weight.shape[0] for key, weight in unet_state.items() if "lora_A" in key}
+    rank = unet.peft_config["default"].r
+    if ranks != {rank}:
+        raise UserError(f"{path} has LoRA rank {sorted(ranks)} but lora_rank is {rank}: set --lora_rank to the "
+                        "rank it was trained with, or move it away to start a new LoRA.")
+    try:
+        incompatible = set_peft_model_state_dict(unet, unet_state, adapter_name="default")
+    except RuntimeError as error:  # shapes of another UNet
+        raise UserError(f"{path} does not fit this checkpoint's UNet ({str(error).splitlines()[-1].strip()}); "
+                        "it was trained on another model.") from None
     unexpected = getattr(incompatible, "unexpected_keys", None)
     if unexpected:
-        raise ValueError(f"{path} does not match this UNet: unexpected keys such as {unexpected[0]}")
+        raise UserError(f"{path} does not fit this checkpoint's UNet (it has keys such as {unexpected[0]}); "
+                        "it was trained on another model.")
+
+
+def load_lora_into_pipeline(pipeline, path):
+    """pipeline.load_lora_weights(path) for generation; UserError naming the file if it is not a usable LoRA."""
+    _unet_lora_state(path)  # refuses a file that is not a LoRA before diffusers half-loads it
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # our LoRAs hold UNet keys only: no "No LoRA keys ... CLIPTextModel"
+    try:
+        pipeline.load_lora_weights(path)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise UserError(f"{path} does not fit this checkpoint ({str(error).splitlines()[-1].strip()}); "
+                        "it was trained on another model: give another LoRA or --generate_lora=none.") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)

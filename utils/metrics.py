@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from utils.files import publish
+from utils.files import appending, writing
 
 
 def pearson(a, b):
@@ -41,16 +41,37 @@ def pairwise_accuracy(predicted, target):
 
 
 def append_jsonl(path, record):
-    """One line per epoch; appending keeps earlier runs' lines (nothing is overwritten)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """One line per epoch; appending keeps earlier runs' lines (nothing is overwritten).
+
+    A line cut short by a kill mid-write is ended first, so the new record starts on a line of its own.
+    """
+    with appending(path) as f:
+        cut_short = False
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            cut_short = f.read(1) != b"\n"
+        f.write((("\n" if cut_short else "") + json.dumps(record) + "\n").encode())
 
 
 def read_jsonl(path):
+    """The records (JSON objects) of a JSON-lines file; a line that is not one (cut short by a kill
+    mid-write, or edited by hand) is skipped with a warning that names the file and line."""
     if not os.path.isfile(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    records = []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict):
+                records.append(record)
+            else:
+                print(f"warning: skipped line {number} of {path}, which is not a JSON record (cut short by a kill?)")
+    return records
 
 
 def plot_curves(path, records, x_key, panels, title, columns=3):
@@ -63,13 +84,15 @@ def plot_curves(path, records, x_key, panels, title, columns=3):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    records = [r for r in records if _is_number(r.get(x_key))]  # a hand-edited line must not stop the plot
     rows, columns = -(-len(panels) // columns), min(columns, len(panels))
     figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.6 * rows), squeeze=False)
     new_runs = [b[x_key] for a, b in zip(records, records[1:]) if a.get("run") != b.get("run")]
     for axis, (panel_title, keys) in zip(axes.flat, panels):
         for key in keys:
             mean, spread = key if isinstance(key, tuple) else (key, None)
-            points = [(r[x_key], r[mean], r.get(spread, 0.0)) for r in records if r.get(mean) is not None]
+            points = [(r[x_key], r[mean], r.get(spread, 0.0) if _is_number(r.get(spread)) else 0.0)
+                      for r in records if _is_number(r.get(mean))]
             if not points:
                 continue
             x, y, band = zip(*points)
@@ -87,9 +110,13 @@ def plot_curves(path, records, x_key, panels, title, columns=3):
         axis.set_visible(False)
     figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path + ".tmp.png", dpi=100)
+    with writing(path) as temp_path:
+        figure.savefig(temp_path, dpi=100, format="png")
     plt.close(figure)
-    publish(path + ".tmp.png", path)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def contact_sheet(path, images, captions, thumbnail=128, columns=8):
@@ -111,5 +138,5 @@ def contact_sheet(path, images, captions, thumbnail=128, columns=8):
         sheet.paste(image, (x + (thumbnail - image.width) // 2, y + (thumbnail - image.height) // 2))
         draw.multiline_text((x + thumbnail // 2, y + thumbnail), caption, fill="black", font=font, anchor="ma",
                             align="center", spacing=2)
-    sheet.save(path + ".tmp.png")
-    publish(path + ".tmp.png", path)
+    with writing(path) as temp_path:
+        sheet.save(temp_path, format="PNG")

@@ -4,12 +4,15 @@ import json
 import os
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from utils.cli import UserError
-from utils.files import publish
+from utils.files import writing
+
+
+MIN_LATENT_SIZE = 8  # three 2x poolings: smaller latents (images under 64 px) shrink to nothing
 
 
 class LatentRewardModel(nn.Module):
@@ -26,27 +29,50 @@ class LatentRewardModel(nn.Module):
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(32 * 8 * 8, 1024), nn.ReLU(), nn.Linear(1024, 1))
 
     def forward(self, latents):
-        # MaxPool needs at least 8x8 latents (64 px images); smaller ones are padded up by the pooling.
+        # At least MIN_LATENT_SIZE per side; AdaptiveAvgPool then brings any size to 8x8.
         return self.head(self.features(latents.float())).squeeze(-1)
 
 
 def save_reward_model(model, path, metadata):
     """Weights as safetensors (no pickle), `metadata` (JSON-able) in the file's header; temp file + rename."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, path + ".tmp", metadata={"almostperfect": json.dumps(metadata)})
-    publish(path + ".tmp", path)
+    with writing(path) as temp_path:
+        save_file(state, temp_path, metadata={"almostperfect": json.dumps(metadata)})
+
+
+def _unreadable(path, why):
+    return UserError(f"{path} is {why}: train it again with `python train_reward.py` (or point "
+                     "--reward_model_path at a model it saved).")
 
 
 def reward_model_metadata(path):
     """The metadata saved with the model (epoch, test metrics, latent_shape, ...), {} if there is none."""
-    with safe_open(path, framework="pt") as f:
-        return json.loads((f.metadata() or {}).get("almostperfect", "{}"))
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = json.loads((f.metadata() or {}).get("almostperfect", "{}"))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise _unreadable(path, f"not a reward model saved by train_reward.py ({error})") from None
+    if not isinstance(metadata, dict):
+        return {}
+    shape = metadata.get("latent_shape")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(type(n) is int and n > 0 for n in shape)):
+        metadata.pop("latent_shape", None)  # written by hand or by another program: not to be trusted
+    return metadata
 
 
 def load_reward_model(path, device="cpu"):
-    """The frozen reward model saved at `path`, in eval mode on `device`."""
+    """The frozen reward model saved at `path`, in eval mode on `device`; UserError if it is not one."""
     if not os.path.isfile(path):
         raise UserError(f"no reward model at {path}: train one first with `python train_reward.py`.")
     model = LatentRewardModel()
-    model.load_state_dict(load_file(path))
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError) as error:  # truncated, garbage, a pickle (.pt) or another format
+        raise _unreadable(path, f"not a safetensors file ({error})") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:  # other keys or shapes: another model's weights
+        raise _unreadable(path, "not the weights of this reward model (other names or shapes)") from None
+    if not all(torch.isfinite(v).all() for v in state.values()):
+        raise _unreadable(path, "holding NaN or infinite weights")
     return model.to(device).eval().requires_grad_(False)

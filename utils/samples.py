@@ -3,13 +3,16 @@
 import json
 import os
 import re
-import shutil
+import stat
+import time
 
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from utils.files import publish
+from utils.cli import UserError
+from utils.files import crash_point, writing
 
 # WebUI's own pattern for one `Key: value` pair of the settings line; a value may be "quoted, with commas"
 _SETTING = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -19,14 +22,31 @@ _NEGATIVE = "Negative prompt:"
 LATENTS = "latents"
 HISTORY = "history"
 ROUND_FILE = "round.json"
+_PARTIAL = re.compile(r"\.round_(\d+)\.partial")  # history/.round_NNN.partial: a round being moved there
+STAYS = {HISTORY, ".lock"}  # what archiving a round leaves in the samples folder (utils/locks.py's lock)
+
+
+def lives_in(folder, name):
+    """Whether `folder`/`name` is a regular file that really is in `folder`: a symlink may point only
+    to another file of the same folder (never outside it, nor into a subfolder such as history/)."""
+    path = os.path.join(folder, name)
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+    return regular and os.path.dirname(os.path.realpath(path)) == os.path.realpath(folder)
+
+
+def is_round_image(folder, name):
+    """Whether `name` is one of the round's images: `<seed>.png`, a real file of `folder` (see lives_in)."""
+    return name.endswith(".png") and name[:-4].isdigit() and name[:-4].isascii() and lives_in(folder, name)
 
 
 def round_images(folder):
-    """Names of the round's images (`<seed>.png`) in `folder`, sorted by seed."""
+    """Names of the round's images (see is_round_image) in `folder`, sorted by seed."""
     if not os.path.isdir(folder):
         return []
-    names = [n for n in os.listdir(folder) if n.endswith(".png") and n[:-4].isdigit()]
-    return sorted(names, key=lambda n: int(n[:-4]))
+    return sorted((n for n in os.listdir(folder) if is_round_image(folder, n)), key=lambda n: int(n[:-4]))
 
 
 def latent_file(folder, image_name):
@@ -36,35 +56,86 @@ def latent_file(folder, image_name):
 def save_latent(path, latent):
     """Store a final latent (4, h/8, w/8) in fp16; temp file + rename."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_file({"latent": latent.detach().to("cpu", torch.float16).contiguous()}, path + ".tmp")
-    publish(path + ".tmp", path)
+    with writing(path) as temp_path:
+        save_file({"latent": latent.detach().to("cpu", torch.float16).contiguous()}, temp_path)
 
 
 def load_latent(path):
-    return load_file(path)["latent"].float()  # (4, h/8, w/8)
+    """The saved latent (4, h/8, w/8) in fp32; UserError naming the file if it is not one."""
+    try:
+        latent = load_file(path)["latent"].float()
+    except (SafetensorError, OSError, KeyError, ValueError) as error:
+        problem = f"not a saved latent ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+    else:
+        if not (latent.ndim == 3 and latent.shape[0] == 4 and min(latent.shape) > 0):
+            problem = f"a tensor of shape {tuple(latent.shape)}, not a latent (4, height/8, width/8)"
+        elif not torch.isfinite(latent).all():
+            problem = "a latent with NaN or infinite values"
+        else:
+            return latent
+    raise UserError(f"{path} is {problem}: move it away (the image is then VAE-encoded from its PNG) "
+                    "or remove the image's rating.")
 
 
 def history_rounds(folder):
-    """Earlier rounds moved to `folder`/history/, oldest first."""
+    """Earlier rounds moved to `folder`/history/, oldest first (not a move in progress, .round_NNN.partial)."""
     history = os.path.join(folder, HISTORY)
     if not os.path.isdir(history):
         return []
-    return [os.path.join(history, n) for n in sorted(os.listdir(history)) if os.path.isdir(os.path.join(history, n))]
+    return [os.path.join(history, n) for n in sorted(os.listdir(history))
+            if not n.startswith(".") and os.path.isdir(os.path.join(history, n))]
+
+
+def interrupted_archives(folder):
+    """history/.round_NNN.partial folders: moves of a round to history/ that a crash cut short."""
+    history = os.path.join(folder, HISTORY)
+    if not os.path.isdir(history):
+        return []
+    return [os.path.join(history, n) for n in sorted(os.listdir(history)) if _PARTIAL.fullmatch(n)]
 
 
 def archive_round(folder):
-    """Move everything of the current round (all but history/) to history/round_NNN/; delete nothing."""
-    entries = [n for n in os.listdir(folder) if n != HISTORY]
-    if not entries:
+    """Move everything of the current round (all but history/ and the lock) to history/round_NNN/.
+
+    Crash-safe: entries are renamed one by one into history/.round_NNN.partial/, which is renamed to
+    round_NNN only when complete. A crash in between leaves the .partial folder; the next call (or
+    finish_interrupted_archive) moves what is left of that round into it and completes it, so rounds
+    never mix and nothing is dropped or overwritten. The caller holds the folder's lock. Returns the
+    round's folder, or None if there was nothing to move.
+    """
+    finish_interrupted_archive(folder)
+    if not [n for n in os.listdir(folder) if n not in STAYS]:
         return None
     number = len(history_rounds(folder)) + 1
     while os.path.exists(os.path.join(folder, HISTORY, f"round_{number:03d}")):
         number += 1
-    target = os.path.join(folder, HISTORY, f"round_{number:03d}")
-    os.makedirs(target)
-    for name in entries:
-        shutil.move(os.path.join(folder, name), os.path.join(target, name))
-    return target
+    partial = os.path.join(folder, HISTORY, f".round_{number:03d}.partial")
+    os.makedirs(partial)
+    return _complete_archive(folder, partial)
+
+
+def finish_interrupted_archive(folder):
+    """Complete a move to history/ that a crash interrupted (see archive_round); returns the rounds completed."""
+    done = [_complete_archive(folder, partial) for partial in interrupted_archives(folder)]
+    for target in done:
+        print(f"finished moving an interrupted round to {target}/")
+    return done
+
+
+def _complete_archive(folder, partial):
+    for name in sorted(n for n in os.listdir(folder) if n not in STAYS):
+        target = os.path.join(partial, name)
+        if os.path.lexists(target):  # never overwrite: keep both
+            target = f"{target}.conflict-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.rename(os.path.join(folder, name), target)  # within one file system: atomic, no copying
+        crash_point("archive_round.moved_one")
+    crash_point("archive_round.all_moved")
+    number = int(_PARTIAL.fullmatch(os.path.basename(partial)).group(1))
+    while os.path.exists(os.path.join(folder, HISTORY, f"round_{number:03d}")):
+        number += 1
+    final = os.path.join(folder, HISTORY, f"round_{number:03d}")
+    os.rename(partial, final)
+    return final
 
 
 def webui_parameters(prompt, negative_prompt, steps, guidance_scale, seed, width, height, eta, model, lora_name,
@@ -87,6 +158,14 @@ def read_png_parameters(path):
         return image.info.get("parameters")  # text chunks before the pixel data; the pixels are not decoded
 
 
+def _unquote(value):
+    """A "quoted, with commas" setting value; a malformed one (a file from elsewhere) is kept as it is."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value.strip('"')
+
+
 def parse_webui_parameters(text):
     """Split WebUI's parameters text into prompt, negative prompt, LoRA tags and the `Key: value` settings.
 
@@ -98,7 +177,7 @@ def parse_webui_parameters(text):
     settings = {}
     if len(_SETTING.findall(lines[-1])) >= 3:  # WebUI's test too: a prompt line rarely has three "Key: value"s
         for key, value in _SETTING.findall(lines.pop()):
-            settings[key] = json.loads(value) if value.startswith('"') else value.strip()
+            settings[key] = _unquote(value) if value.startswith('"') else value.strip()
     prompt_lines, negative_lines = [], []
     for line in lines:
         if line.startswith(_NEGATIVE) or negative_lines:
