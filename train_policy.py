@@ -28,9 +28,10 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from utils.cli import UserError, images_per_epoch, run_stage, trained_timesteps, validate_settings
+from utils.cli import UserError, images_per_epoch, run_stage, seed_list, trained_timesteps, validate_settings
 from utils.ddpo import compute_advantages, policy_gradient_backward
-from utils.files import publish
+from utils.files import writing
+from utils.locks import folder_lock
 from utils.checkpoint import pipeline_family
 from utils.lora import add_lora, epoch_files, lora_metadata, save_lora, save_lora_card
 from utils.metrics import append_jsonl, contact_sheet, plot_curves, read_jsonl
@@ -218,13 +219,6 @@ def save_preview(path, pipeline, sampler, reward_model, seeds, epoch, height, wi
     return images[len(seeds):]  # the LoRA's row
 
 
-def preview_seeds(text):
-    try:
-        return [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise UserError(f"train_preview_seeds must be whole numbers separated by commas (got {text!r}).") from None
-
-
 def run_files(settings):
     """The run's own files in lora_path, named with lora_name_prefix so that two runs can share the folder."""
     names = {"metrics": "policy_metrics.jsonl", "plot": "policy_metrics.png", "state": STATE_FILE}
@@ -235,8 +229,8 @@ def save_epoch(settings, epoch, pipeline, sampler, optimizer, reward_model, seed
     """The epoch's files, the diffusers LoRA last: resume and generate find an epoch by it, so a save
     that a kill interrupts is not taken for complete (and the next run writes it again)."""
     files = epoch_files(settings.lora_path, epoch, settings.lora_name_prefix)
-    torch.save(optimizer.state_dict(), files["optimizer"] + ".tmp")
-    publish(files["optimizer"] + ".tmp", files["optimizer"])
+    with writing(files["optimizer"]) as temp_path:
+        torch.save(optimizer.state_dict(), temp_path)
     written = [files["optimizer"]]
     if seeds_to_preview:
         lora_images = save_preview(files["preview"], pipeline, sampler, reward_model, seeds_to_preview, epoch,
@@ -251,7 +245,14 @@ def main(settings):
     # Processes and devices only: precision is utils/precision.py's, whatever an accelerate config says
     accelerator = Accelerator(mixed_precision="no", cpu=not use_cuda)
     validate_settings(settings, accelerator.num_processes)
-    seeds_to_preview = preview_seeds(settings.train_preview_seeds)
+    os.makedirs(settings.lora_path, exist_ok=True)
+    # one run per outputs folder (the main process speaks for all of an accelerate launch's processes)
+    with folder_lock(settings.lora_path, "train_policy") if accelerator.is_main_process else nullcontext():
+        train(settings, accelerator)
+
+
+def train(settings, accelerator):
+    seeds_to_preview = seed_list(settings.train_preview_seeds, "train_preview_seeds")
     reward_model = load_reward_model(settings.reward_model_path, accelerator.device)
     set_seed(settings.seed)
     device = accelerator.device
@@ -269,7 +270,6 @@ def main(settings):
     lora_parameters = add_lora(unet, settings.lora_rank)
     optimizer = torch.optim.AdamW(lora_parameters, lr=settings.train_policy_learning_rate)
 
-    os.makedirs(settings.lora_path, exist_ok=True)
     files = run_files(settings)
     first_epoch = resume_training(settings.lora_path, settings.lora_name_prefix, unet, optimizer, precision,
                                   files["metrics"], accelerator.print)

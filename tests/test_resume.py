@@ -2,17 +2,15 @@
 interrupted save is completed by the next run, and a metrics line half-written by a kill is dropped."""
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY_SETTINGS, assert_ok, run_script, stage_paths
+from conftest import assert_ok, run_script, stage_command
 from utils.reward_model import LatentRewardModel, save_reward_model
 from utils.run_state import STATE_FILE
 
@@ -54,11 +52,10 @@ def state_epoch(path):
 
 def test_a_kill_between_saves_loses_at_most_the_epoch_in_progress(tmp_path, tiny_checkpoint, reward_model,
                                                                   uninterrupted):
-    settings = {**stage_paths(tmp_path, tiny_checkpoint), **TINY_SETTINGS}
-    command = [sys.executable, str(REPO / "train_policy.py"), *(f"--{k}={v}" for k, v in settings.items()),
-               *policy_args(reward_model, 4, 10)]  # saves every 10 epochs: only epoch 4, the last, is saved
-    process = subprocess.Popen(command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # saves every 10 epochs: only epoch 4, the last, is saved
+    command, env = stage_command("train_policy", *policy_args(reward_model, 4, 10), cwd=tmp_path,
+                                 checkpoint=tiny_checkpoint)
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = tmp_path / "outputs" / STATE_FILE
     deadline = time.monotonic() + 240
     while state_epoch(state) < 2 and process.poll() is None and time.monotonic() < deadline:
@@ -97,3 +94,21 @@ def test_an_interrupted_save_is_completed_by_the_next_run_and_a_half_metrics_lin
     assert "epoch 2: reward" not in result.stdout and "epoch 3: reward" in result.stdout
     assert epochs_in_metrics(tmp_path) == [1, 2, 3]
     assert (outputs / "diffusers_lora_epoch_3.safetensors").is_file()
+
+
+def test_a_second_train_policy_on_one_outputs_folder_is_refused_at_start(tmp_path, tiny_checkpoint, reward_model):
+    command, env = stage_command("train_policy", *policy_args(reward_model, 1000, 1000), cwd=tmp_path,
+                                 checkpoint=tiny_checkpoint, env={"PYTHONUNBUFFERED": "1"})
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True)
+    try:
+        while "epoch 1: reward" not in (line := first.stdout.readline()):
+            assert line, "the first run ended early"
+        second = run_script("train_policy", *policy_args(reward_model, 2, 1), cwd=tmp_path, checkpoint=tiny_checkpoint)
+        assert first.poll() is None, "the first run must still be running for this test to mean anything"
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr
+    assert f"in use by train_policy (pid {first.pid}" in second.stderr and str(tmp_path / "outputs") in second.stderr
+    assert not list((tmp_path / "outputs").glob("*lora_epoch_*"))  # the refused run wrote nothing

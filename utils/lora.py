@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from utils.checkpoint import sha256_of_file
 from utils.cli import UserError
-from utils.files import publish
+from utils.files import writing
 
 TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 # What kohya's trainers write for the base model (ss_base_model_version, modelspec.architecture and
@@ -80,13 +80,13 @@ def save_lora(unet, folder, epoch, prefix="", metadata=None):
     if not all(torch.isfinite(w).all() for w in [*state.values(), *kohya.values()]):
         raise UserError(f"the LoRA of epoch {epoch} has weights that are not finite (or beyond fp16's range, in "
                         f"which WebUI files are saved); it was not saved. Lower train_policy_learning_rate.")
-    save_file(kohya, paths["ui"] + ".tmp", metadata=metadata or {"ss_network_module": "networks.lora"})
-    publish(paths["ui"] + ".tmp", paths["ui"])
+    with writing(paths["ui"]) as temp_path:
+        save_file(kohya, temp_path, metadata=metadata or {"ss_network_module": "networks.lora"})
     # Last: resume and generate know a saved epoch by this file, so an interrupted save is not complete.
-    temp_name = f".{os.path.basename(paths['diffusers'])}.tmp"
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=state, weight_name=temp_name,
-                                              unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
-    publish(os.path.join(folder, temp_name), paths["diffusers"])
+    with writing(paths["diffusers"]) as temp_path:
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=state,
+                                                  weight_name=os.path.basename(temp_path),
+                                                  unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
     return paths["diffusers"], paths["ui"]
 
 
@@ -123,8 +123,8 @@ def save_lora_card(folder, epoch, prefix, image, size=512):
     path = epoch_files(folder, epoch, prefix)["card"]
     card = image.copy()
     card.thumbnail((size, size))
-    card.save(path + ".tmp", format="PNG")
-    publish(path + ".tmp", path)
+    with writing(path) as temp_path:
+        card.save(temp_path, format="PNG")
     return path
 
 

@@ -12,7 +12,7 @@ import torch
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from utils.cli import UserError
-from utils.files import publish
+from utils.files import writing
 from utils.lora import epoch_files, latest_lora, load_lora_into_unet
 
 STATE_FILE = "resume_state.pt"
@@ -34,8 +34,8 @@ def save_run_state(path, epoch, unet, optimizer, precision, metrics_path):
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         "metrics_lines": metrics_lines,
     }
-    torch.save(state, path + ".tmp")
-    publish(path + ".tmp", path)
+    with writing(path) as temp_path:
+        torch.save(state, temp_path)
 
 
 def load_run_state(path):
@@ -72,9 +72,8 @@ def keep_metrics_lines(path, count):
     with open(path, "rb") as f:
         lines = f.read().splitlines(keepends=True)
     if len(lines) > count:
-        with open(path + ".tmp", "wb") as f:
+        with writing(path) as temp_path, open(temp_path, "wb") as f:
             f.writelines(lines[:count])
-        publish(path + ".tmp", path)
 
 
 def resume_training(lora_path, prefix, unet, optimizer, precision, metrics_path, print):
