@@ -75,7 +75,7 @@ def read_round(round_path):
 
 
 def plan_round(settings, parameters):
-    """Start or resume the round in sample_path; returns its seeds. Moves an earlier round to history/."""
+    """Start or resume the round in sample_path, its seeds in round.json. Moves an earlier round to history/."""
     folder = settings.sample_path
     finish_interrupted_archive(folder)  # before looking at round.json: it may belong to that half-moved round
     round_path = os.path.join(folder, ROUND_FILE)
@@ -94,7 +94,6 @@ def plan_round(settings, parameters):
             seeds.append(seed)
             taken.add(seed)
     write_json_atomic(round_path, current)
-    return seeds[: settings.generate_sample_size]
 
 
 def save_image(folder, seed, image, latent, parameters_text):

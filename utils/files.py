@@ -12,7 +12,7 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read, then put back: the only portable way to learn the umask
 
 
-def publish(temp_path, path):
+def replace_atomically(temp_path, path):
     """Rename a finished temp file over `path` in one step (a reader sees the old file or the new one).
 
     Its mode becomes what a plain open() would give (0666 less the umask): mkstemp and safetensors
@@ -25,7 +25,7 @@ def publish(temp_path, path):
 
 @contextlib.contextmanager
 def writing(path):
-    """Around writing `temp path` (yielded) that is then published as `path`; on failure the temp file goes.
+    """Around writing `temp path` (yielded) that is then renamed over `path`; on failure the temp file goes.
 
     An OSError without a file name (a full disk shows up in write(), which names no file) gets
     `path`, so that run_stage's sentence can say which file could not be written; so does the
@@ -34,7 +34,7 @@ def writing(path):
     temp_path = f"{path}.tmp"
     try:
         yield temp_path
-        publish(temp_path, path)
+        replace_atomically(temp_path, path)
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp_path)
@@ -72,7 +72,7 @@ def write_json_atomic(path, obj):
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())  # the rename must not reach the disk before the data does
-        publish(temp_path, path)
+        replace_atomically(temp_path, path)
     except BaseException as error:
         os.unlink(temp_path)
         if isinstance(error, OSError) and error.filename is None:
