@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from utils.cli import stage_paths  # noqa: E402
-from utils.tiny_checkpoint import build_tiny_checkpoint  # noqa: E402
+from utils.lora import add_lora  # noqa: E402
+from utils.reward_model import LatentRewardModel, save_reward_model  # noqa: E402
+from utils.sampling import Denoiser  # noqa: E402
+from utils.tiny_checkpoint import CROSS_ATTENTION_DIM, build_tiny_checkpoint, sd15_scheduler, tiny_unet  # noqa: E402
 
 # The tiny models gain nothing from threads, and on a small machine shared with other work PyTorch's
 # per-core threads make them many times slower. OMP_NUM_THREADS, when set, wins.
@@ -35,6 +39,32 @@ TINY_SETTINGS = {"device": "cpu", "height": 64, "width": 64, "num_inference_step
 def tiny_checkpoint(tmp_path_factory):
     """Path of a tiny diffusers checkpoint on disk (built once per test session)."""
     return str(build_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny_checkpoint"))))
+
+
+@pytest.fixture(scope="session")
+def random_reward_model(tmp_path_factory):
+    """Path of an untrained latent reward CNN (seeded), for stages that need one but not a taste."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("reward") / "reward_model.safetensors"
+    save_reward_model(LatentRewardModel(), str(path), {})
+    return str(path)
+
+
+def tiny_denoiser(guidance_scale, eta, dtype=torch.float32, autocast=nullcontext):
+    """A Denoiser of the tiny UNet (weights in `dtype`) with a rank-4 fp32 LoRA and random prompt embeddings.
+
+    lora_B is drawn at random rather than peft's zeros, which would leave every lora_A without a gradient.
+    """
+    torch.manual_seed(0)
+    unet = tiny_unet().to(dtype)
+    add_lora(unet, rank=4)
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.1)
+    positive, negative = (torch.randn(1, 77, CROSS_ATTENTION_DIM, generator=torch.Generator().manual_seed(i)).to(dtype)
+                          for i in (1, 2))
+    return Denoiser(unet, sd15_scheduler(), positive, negative, guidance_scale, eta, autocast)
 
 
 def run_script(name, *args, cwd, checkpoint=None, timeout=300, env=None):

@@ -25,10 +25,9 @@ import torch
 
 from train_policy import train_epoch, training_minibatches
 from utils.ddpo import compute_advantages
-from utils.lora import add_lora
+from conftest import tiny_denoiser
 from utils.precision import MixedPrecision
-from utils.sampling import Denoiser, sample_with_logprob
-from utils.tiny_checkpoint import CROSS_ATTENTION_DIM, sd15_scheduler, tiny_unet
+from utils.sampling import sample_with_logprob
 
 IMAGES, STEPS, GUIDANCE, ETA = 16, 3, 5.0, 1.0  # the seed's 16 images per epoch (4 x 4), few DDIM steps
 CLIP_RANGE, ADV_CLIP_MAX = 1e-4, 2.0  # the seed's defaults
@@ -40,15 +39,7 @@ OPTIMIZERS = {"sgd": lambda params: torch.optim.SGD(params, lr=1e-2),
 @pytest.fixture(scope="module")
 def epoch():
     """(Denoiser of a UNet with a LoRA, the epoch's samples, its rewards), as train_policy has them."""
-    torch.manual_seed(0)
-    unet = tiny_unet()
-    add_lora(unet, rank=4)
-    with torch.no_grad():  # lora_B starts at zero, which would leave every lora_A without a gradient
-        for name, parameter in unet.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(std=0.1)
-    denoiser = Denoiser(unet, sd15_scheduler(), torch.randn(1, 77, CROSS_ATTENTION_DIM),
-                        torch.randn(1, 77, CROSS_ATTENTION_DIM), GUIDANCE, ETA)
+    denoiser = tiny_denoiser(GUIDANCE, ETA)
     samples = sample_with_logprob(denoiser, [torch.Generator().manual_seed(s) for s in range(IMAGES)], 64, 64, STEPS)
     samples["timesteps"] = samples["timesteps"].expand(IMAGES, -1)  # (n, steps)
     rewards = torch.randn(IMAGES, generator=torch.Generator().manual_seed(1)) * 3  # some advantages get clipped
@@ -143,4 +134,7 @@ def test_an_epoch_gives_the_seeds_lora_weights(epoch, optimizer_name, batch_size
     initial = lora_weights(denoiser.unet)
     update = (expected - initial).abs().max().item()
     assert update > 1e-6, "the reference epoch must move the LoRA for the comparison to mean anything"
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=update * 1e-3)
+    # AdamW's update is about lr x g / (|g| + eps): where g is about 0, summation order alone moves it, so
+    # its tolerance is a fifth of a step; a wrong schedule moves weights by whole steps.
+    tolerance = update * (1e-3 if optimizer_name == "sgd" else 0.2)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=tolerance)

@@ -12,10 +12,9 @@ import torch
 
 from train_policy import training_minibatches
 from utils.ddpo import policy_gradient_backward
-from utils.lora import add_lora
-from utils.sampling import Denoiser, sample_with_logprob
+from conftest import tiny_denoiser
+from utils.sampling import sample_with_logprob
 from utils.training_calls import first_that_fits, halvings, training_call_candidates
-from utils.tiny_checkpoint import CROSS_ATTENTION_DIM, sd15_scheduler, tiny_unet
 
 STEPS, GUIDANCE, ETA, CLIP_RANGE = 4, 5.0, 1.0, 1e-4
 
@@ -23,21 +22,13 @@ STEPS, GUIDANCE, ETA, CLIP_RANGE = 4, 5.0, 1.0, 1e-4
 @pytest.fixture(scope="module")
 def policy():
     """(Denoiser of a UNet with a LoRA, one minibatch of 2 images x all their timesteps, shuffled)."""
-    torch.manual_seed(0)
-    unet = tiny_unet()
-    add_lora(unet, rank=4)
-    with torch.no_grad():  # lora_B starts at zero, which would leave every lora_A without a gradient
-        for name, parameter in unet.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(std=0.1)
-    denoiser = Denoiser(unet, sd15_scheduler(), torch.randn(1, 77, CROSS_ATTENTION_DIM),
-                        torch.randn(1, 77, CROSS_ATTENTION_DIM), GUIDANCE, ETA)
+    denoiser = tiny_denoiser(GUIDANCE, ETA)
     generators = [torch.Generator().manual_seed(seed) for seed in (1, 2)]
     samples = sample_with_logprob(denoiser, generators, 64, 64, STEPS)
     samples["timesteps"] = samples["timesteps"].expand(2, -1)  # (2, steps), as train_policy's sample_epoch has it
     advantages = torch.tensor([1.0, -0.5])
     minibatch = training_minibatches(samples, advantages, 2, 1.0, torch.Generator().manual_seed(0))[0]
-    unet.train()
+    denoiser.unet.train()
     return denoiser, minibatch
 
 

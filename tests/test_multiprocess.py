@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from conftest import REPO, TINY_SETTINGS, assert_ok, run_script, stage_paths
-from utils.reward_model import LatentRewardModel, save_reward_model
 
 POLICY = ["--train_sample_batch_size=2", "--train_sample_num_batches_per_epoch=2", "--train_save_freq=1",
           "--train_preview_seeds=0"]
@@ -59,11 +58,8 @@ def saved_files(epochs):
 
 
 @pytest.fixture(scope="module")
-def reward_model(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("reward") / "reward_model.safetensors"
-    save_reward_model(LatentRewardModel(), str(path), {})
-    return str(path)
+def reward_model(random_reward_model):
+    return random_reward_model
 
 
 @pytest.fixture(scope="module")

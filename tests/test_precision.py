@@ -8,14 +8,13 @@ import math
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import run_script, tiny_denoiser
 from train_policy import SKIPPED_STEPS_TO_STOP, count_skipped_steps, train_epoch, training_minibatches
 from utils.cli import UserError
 from utils.lora import add_lora, save_lora
 from utils.precision import MixedPrecision
-from utils.reward_model import LatentRewardModel, save_reward_model
-from utils.sampling import Denoiser, sample_with_logprob
-from utils.tiny_checkpoint import CROSS_ATTENTION_DIM, sd15_scheduler, tiny_unet
+from utils.sampling import sample_with_logprob
+from utils.tiny_checkpoint import tiny_unet
 
 
 def lora_parameters(unet):
@@ -25,16 +24,7 @@ def lora_parameters(unet):
 def policy(name):
     """(Denoiser in precision `name`, its MixedPrecision, minibatches of 2 sampled images)."""
     precision = MixedPrecision.create(name, "cpu")
-    torch.manual_seed(0)
-    unet = tiny_unet().to(precision.weights_dtype)
-    add_lora(unet, rank=4)
-    with torch.no_grad():  # lora_B starts at zero, which would leave every lora_A without a gradient
-        for parameter_name, parameter in unet.named_parameters():
-            if "lora_B" in parameter_name:
-                parameter.normal_(std=0.1)
-    embeds = [torch.randn(1, 77, CROSS_ATTENTION_DIM, generator=torch.Generator().manual_seed(i)) for i in (1, 2)]
-    denoiser = Denoiser(unet, sd15_scheduler(), *(e.to(precision.weights_dtype) for e in embeds), 5.0, 1.0,
-                        precision.autocast)
+    denoiser = tiny_denoiser(5.0, 1.0, precision.weights_dtype, precision.autocast)
     samples = sample_with_logprob(denoiser, [torch.Generator().manual_seed(s) for s in (3, 4)], 64, 64, 2)
     samples["timesteps"] = samples["timesteps"].expand(2, -1)
     minibatches = training_minibatches(samples, torch.tensor([1.0, -1.0]), 1, 1.0, torch.Generator().manual_seed(0))
@@ -118,11 +108,10 @@ def test_skipped_steps_in_a_row_stop_the_run_with_the_cause_and_the_setting():
     assert "mixed_precision=bf16" in str(stop.value)
 
 
-def test_a_diverging_run_stops_with_one_sentence_and_saves_no_non_finite_lora(tmp_path, tiny_checkpoint):
-    torch.manual_seed(0)
-    save_reward_model(LatentRewardModel(), str(tmp_path / "reward.safetensors"), {})
+def test_a_diverging_run_stops_with_one_sentence_and_saves_no_non_finite_lora(tmp_path, tiny_checkpoint,
+                                                                             random_reward_model):
     # a learning rate near float32's limit: the first step's LoRA is huge, the next forward overflows
-    result = run_script("train_policy", f"--reward_model_path={tmp_path / 'reward.safetensors'}",
+    result = run_script("train_policy", f"--reward_model_path={random_reward_model}",
                         "--train_sample_batch_size=2", "--train_sample_num_batches_per_epoch=1",
                         "--train_policy_learning_rate=1e30", "--train_save_freq=100", "--train_policy_num_epochs=8",
                         "--train_preview_seeds=", cwd=tmp_path, checkpoint=tiny_checkpoint)

@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import assert_ok, run_script, stage_command
-from utils.reward_model import LatentRewardModel, save_reward_model
 from utils.run_state import STATE_FILE
 
 POLICY = ["--train_sample_batch_size=2", "--train_sample_num_batches_per_epoch=2", "--train_policy_batch_size=2",
@@ -19,11 +18,8 @@ POLICY = ["--train_sample_batch_size=2", "--train_sample_num_batches_per_epoch=2
 
 
 @pytest.fixture(scope="module")
-def reward_model(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("reward") / "reward_model.safetensors"
-    save_reward_model(LatentRewardModel(), str(path), {})
-    return str(path)
+def reward_model(random_reward_model):
+    return random_reward_model
 
 
 def policy_args(reward_model, epochs, save_freq):
