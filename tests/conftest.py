@@ -1,4 +1,4 @@
-"""Shared by the tests: the tiny SD1.5-shaped checkpoint, and running a stage script as a user would.
+"""Shared by the tests: the tiny SD1.5- and SDXL-shaped checkpoints, and running a stage script as a user would.
 
 Every test that runs a script gives it a folder of its own: all paths point into it and it is the
 working directory, so no test can touch the repository's models/, samples/ or outputs/.
@@ -19,7 +19,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from utils.cli import stage_paths  # noqa: E402
-from utils.tiny_checkpoint import build_tiny_checkpoint  # noqa: E402
+from utils.tiny_checkpoint import build_tiny_checkpoint, build_tiny_sdxl_checkpoint  # noqa: E402
 
 # The tiny models gain nothing from threads, and on a small machine shared with other work PyTorch's
 # per-core threads make them many times slower. OMP_NUM_THREADS, when set, wins.
@@ -35,6 +35,12 @@ TINY_SETTINGS = {"device": "cpu", "height": 64, "width": 64, "num_inference_step
 def tiny_checkpoint(tmp_path_factory):
     """Path of a tiny diffusers checkpoint on disk (built once per test session)."""
     return str(build_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny_checkpoint"))))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_checkpoint(tmp_path_factory):
+    """Path of a tiny diffusers SDXL checkpoint on disk (built once per test session)."""
+    return str(build_tiny_sdxl_checkpoint(str(tmp_path_factory.mktemp("tiny_sdxl_checkpoint"))))
 
 
 def run_script(name, *args, cwd, checkpoint=None, timeout=300):

@@ -1,10 +1,16 @@
-"""Loading the pipeline, the guided UNet, and the DDPO sampling loop (DDIM + CFG, per-step log-probs)."""
+"""Loading the pipeline, the guided UNet, and the DDPO sampling loop (DDIM + CFG, per-step log-probs).
 
+Both families go through the same code: SD1.x conditions the UNet on the text encoder's hidden states;
+SDXL also on "added conditioning" (the second text encoder's pooled embedding and the image's size and
+crop ids), carried by the Denoiser next to the hidden states.
+"""
+
+import json
 import os
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import logging as diffusers_logging
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
@@ -15,7 +21,8 @@ from utils.ddim import ddim_step_with_logprob
 
 
 def load_pipeline(checkpoint_path, device, dtype):
-    """The StableDiffusionPipeline in `checkpoint_path` with a DDIM scheduler, no safety checker."""
+    """The StableDiffusionPipeline (or, for an SDXL folder, StableDiffusionXLPipeline) in `checkpoint_path`
+    with a DDIM scheduler made from the checkpoint's scheduler config, no safety checker."""
     if not os.path.isfile(os.path.join(checkpoint_path, "model_index.json")):
         raise UserError(
             f"No diffusers checkpoint at {checkpoint_path!r} (model_index.json missing): download SD1.5 there "
@@ -23,8 +30,14 @@ def load_pipeline(checkpoint_path, device, dtype):
             "or pass --checkpoint_path=...")
     diffusers_logging.disable_progress_bar()  # a bar per component load; the stage draws its own bars
     transformers_logging.disable_progress_bar()
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        checkpoint_path, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    with open(os.path.join(checkpoint_path, "model_index.json")) as f:
+        pipeline_class = json.load(f).get("_class_name")
+    if pipeline_class == "StableDiffusionXLPipeline":
+        # no watermarker: the stages decode their own images and a watermark would change what a person rates
+        pipeline = StableDiffusionXLPipeline.from_pretrained(checkpoint_path, dtype=dtype, add_watermarker=False)
+    else:
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            checkpoint_path, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
     schedule_on(pipeline.scheduler, device)
     pipeline.set_progress_bar_config(disable=True)
@@ -37,11 +50,23 @@ def schedule_on(scheduler, device):
     return scheduler
 
 
+def model_family(pipeline):
+    """"sdxl" for an SDXL pipeline, "sd15" for SD1.x: what the LoRA export and the reward model depend on."""
+    return "sdxl" if isinstance(pipeline, StableDiffusionXLPipeline) else "sd15"
+
+
+def text_encoders(pipeline):
+    """The pipeline's text encoders (SDXL has two), e.g. to move them off the GPU once the prompt is encoded."""
+    return [encoder for encoder in (pipeline.text_encoder, getattr(pipeline, "text_encoder_2", None)) if encoder]
+
+
 @dataclass
 class Denoiser:
     """The UNet with everything a guided DDIM step needs besides the latents.
 
     The embeddings are the prompt's and the negative prompt's, (1, 77, dim) each, computed once per run.
+    SDXL's added conditioning, None for SD1.x: {"text_embeds": (1, pooled dim), "time_ids": (1, 6)} for
+    each of the two, passed to every UNet call as `added_cond_kwargs`.
     """
     unet: torch.nn.Module
     scheduler: DDIMScheduler
@@ -49,13 +74,37 @@ class Denoiser:
     negative_embeds: torch.Tensor
     guidance_scale: float
     eta: float
+    positive_added: dict = None
+    negative_added: dict = None
 
 
 @torch.no_grad()
 def encode_prompt(pipeline, prompt, negative_prompt, device):
-    """(positive, negative) text embeddings, each (1, 77, dim)."""
+    """(positive, negative) text embeddings of an SD1.x pipeline, each (1, 77, dim)."""
     return pipeline.encode_prompt(prompt, device, num_images_per_prompt=1, do_classifier_free_guidance=True,
                                   negative_prompt=negative_prompt)
+
+
+def sdxl_time_ids(height, width):
+    """(1, 6) SDXL size conditioning as StableDiffusionXLPipeline makes it by default: original size =
+    target size = (height, width), crop top-left (0, 0)."""
+    return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
+
+
+@torch.no_grad()
+def prompt_conditioning(pipeline, prompt, negative_prompt, height, width, device):
+    """Everything the Denoiser takes from the prompts, for either family: its keyword arguments
+    positive_embeds, negative_embeds (1, 77, dim) and, for SDXL, positive_added and negative_added."""
+    if model_family(pipeline) == "sd15":
+        positive, negative = encode_prompt(pipeline, prompt, negative_prompt, device)
+        return {"positive_embeds": positive, "negative_embeds": negative}
+    positive, negative, pooled, negative_pooled = pipeline.encode_prompt(
+        prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True,
+        negative_prompt=negative_prompt)
+    time_ids = sdxl_time_ids(height, width).to(device, positive.dtype)
+    return {"positive_embeds": positive, "negative_embeds": negative,
+            "positive_added": {"text_embeds": pooled, "time_ids": time_ids},
+            "negative_added": {"text_embeds": negative_pooled, "time_ids": time_ids}}
 
 
 def guided_noise_pred(denoiser, latents, timesteps):
@@ -66,8 +115,12 @@ def guided_noise_pred(denoiser, latents, timesteps):
     n = latents.shape[0]
     timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(n)
     embeds = torch.cat([denoiser.negative_embeds.expand(n, -1, -1), denoiser.positive_embeds.expand(n, -1, -1)])
+    added = None
+    if denoiser.positive_added is not None:  # SDXL: (2n, pooled dim) and (2n, 6), uncond half first as above
+        added = {key: torch.cat([denoiser.negative_added[key].expand(n, -1), denoiser.positive_added[key].expand(n, -1)])
+                 for key in denoiser.positive_added}
     noise_pred = denoiser.unet(torch.cat([latents, latents]).to(embeds.dtype), torch.cat([timesteps, timesteps]),
-                               encoder_hidden_states=embeds, return_dict=False)[0]
+                               encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]
     uncond, cond = noise_pred.float().chunk(2)
     return uncond + denoiser.guidance_scale * (cond - uncond)
 
@@ -101,7 +154,17 @@ def sample_with_logprob(denoiser, generators, height, width, num_inference_steps
 
 @torch.no_grad()
 def decode_latents(pipeline, latents):
-    """(batch, 4, h/8, w/8) final latents -> list of PIL images, decoded where the VAE is."""
+    """(batch, 4, h/8, w/8) final latents -> list of PIL images, decoded where the VAE is.
+
+    SDXL's VAE decodes in fp32 when its config asks for it (force_upcast: its fp16 decode overflows), as
+    StableDiffusionXLPipeline does; StableDiffusionPipeline ignores the flag, and so does this for SD1.x.
+    """
     vae = pipeline.vae
+    upcast = model_family(pipeline) == "sdxl" and vae.dtype == torch.float16 and vae.config.force_upcast
+    if upcast:
+        vae.to(dtype=torch.float32)
     latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
-    return pipeline.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pil")
+    images = vae.decode(latents, return_dict=False)[0]
+    if upcast:
+        vae.to(dtype=torch.float16)
+    return pipeline.image_processor.postprocess(images, output_type="pil")
