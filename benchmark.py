@@ -44,6 +44,14 @@ SD15_UNET = dict(  # SD1.5's unet/config.json; random weights
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
 )
+SDXL_UNET = dict(  # SDXL base 1.0's unet/config.json (2.57B parameters); random weights
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+    cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, norm_num_groups=32,
+)
 
 
 # Dense fp16/bf16 tensor-core peaks from NVIDIA's datasheets (TFLOP/s, without sparsity); others: --peak_tflops.
