@@ -2,7 +2,7 @@
 
     python generate.py [--name=value ...]          (or: accelerate launch generate.py ...)
 
-Reads   models/checkpoint/ and, by default, the newest outputs/diffusers_lora_epoch_N.safetensors
+Reads   models/checkpoint/ (SD1.x or SDXL) and, by default, the newest outputs/diffusers_lora_epoch_N.safetensors
         (--generate_lora=none for the base model, or a file path).
 Writes  samples/<seed>.png with WebUI-style `parameters`, samples/latents/<seed>.safetensors (the final
         latent, so no stage re-encodes PNGs), samples/round.json (the round's settings and seeds).
@@ -24,7 +24,7 @@ from utils.cli import UserError, run_stage
 from utils.files import publish, write_json_atomic
 from utils.lora import latest_lora
 from utils.samples import ROUND_FILE, archive_round, latent_file, round_images, save_latent, webui_parameters
-from utils.sampling import decode_latents, load_pipeline
+from utils.sampling import decode_latents, load_pipeline, model_family
 
 USED_SETTINGS = ["checkpoint_path", "sample_path", "score_path", "lora_path", "generate_lora", "device",
                  "generate_sample_size", "generate_batch_size", "generate_vae_slicing", "generate_vae_tiling",
@@ -76,9 +76,9 @@ def plan_round(settings, parameters):
     return seeds[: settings.generate_sample_size]
 
 
-def save_image(folder, seed, image, latent, parameters_text):
+def save_image(folder, seed, image, latent, parameters_text, family):
     """Latent first, PNG last and renamed into place: a PNG on disk means the image is complete."""
-    save_latent(latent_file(folder, f"{seed}.png"), latent)
+    save_latent(latent_file(folder, f"{seed}.png"), latent, family)
     info = PngInfo()
     info.add_text("parameters", parameters_text)
     path = os.path.join(folder, f"{seed}.png")
@@ -134,7 +134,7 @@ def main(settings):
                 text = webui_parameters(settings.prompt, settings.negative_prompt, settings.num_inference_steps,
                                         settings.guidance_scale, seed, settings.width, settings.height, settings.eta,
                                         model_name, lora_name)
-                save_image(settings.sample_path, seed, image, latent, text)
+                save_image(settings.sample_path, seed, image, latent, text, model_family(pipeline))
             bar.update(len(batch))
         bar.close()
     state.wait_for_everyone()

@@ -3,8 +3,8 @@
     python train_policy.py [--name=value ...]
     accelerate launch train_policy.py [...]         (several GPUs: each samples its share)
 
-Reads   models/checkpoint/, models/reward_model.safetensors, and to resume the newest
-        outputs/diffusers_lora_epoch_N.safetensors with outputs/optimizer_epoch_N.pt.
+Reads   models/checkpoint/ (SD1.x or SDXL), models/reward_model.safetensors (trained on that family), and to
+        resume the newest outputs/diffusers_lora_epoch_N.safetensors with outputs/optimizer_epoch_N.pt.
 Writes  every train_save_freq epochs: outputs/diffusers_lora_epoch_N.safetensors (pipeline.load_lora_weights),
         outputs/ui_lora_epoch_N.safetensors (WebUI / ComfyUI), outputs/optimizer_epoch_N.pt and
         outputs/preview_epoch_N.png; every epoch: outputs/policy_metrics.jsonl and outputs/policy_metrics.png.
@@ -29,8 +29,9 @@ from utils.ddpo import compute_advantages, policy_gradient_backward
 from utils.files import publish
 from utils.lora import add_lora, latest_lora, load_lora_into_unet, save_lora
 from utils.metrics import append_jsonl, contact_sheet, plot_curves, read_jsonl
-from utils.reward_model import load_reward_model
-from utils.sampling import Denoiser, decode_latents, encode_prompt, load_pipeline, sample_with_logprob
+from utils.reward_model import check_family, load_reward_model
+from utils.sampling import (Denoiser, decode_latents, load_pipeline, model_family, prompt_conditioning,
+                            sample_with_logprob, text_encoders)
 from utils.training_calls import fit_training_calls, training_call_candidates
 
 USED_SETTINGS = ["checkpoint_path", "reward_model_path", "lora_path", "lora_rank", "device", "attention_backend",
@@ -186,6 +187,8 @@ def main(settings):
     # ---------------------------------------------------------------- MODELS
     # Frozen weights in fp16 on the GPU (half the memory), LoRA in fp32; autocast + grad scaling via accelerate.
     pipeline = load_pipeline(settings.checkpoint_path, device, torch.float16 if use_cuda else torch.float32)
+    family = model_family(pipeline)  # "sd15" or "sdxl": the reward model must know its latents, the export its names
+    check_family(settings.reward_model_path, family, "the latents of checkpoint_path's model")
     unet = pipeline.unet
     if settings.attention_backend == "xformers":
         try:
@@ -193,9 +196,11 @@ def main(settings):
         except Exception as error:
             raise UserError(f"attention_backend=xformers failed ({error}); install xformers or use sdpa.") from None
     lora_parameters = add_lora(unet, settings.lora_rank)
-    positive, negative = encode_prompt(pipeline, settings.prompt, settings.negative_prompt, device)
+    conditioning = prompt_conditioning(pipeline, settings.prompt, settings.negative_prompt, settings.height,
+                                       settings.width, device)
     if settings.train_offload_frozen:
-        pipeline.text_encoder.to("cpu")  # not needed again; the VAE only visits the GPU for previews
+        for encoder in text_encoders(pipeline):
+            encoder.to("cpu")  # not needed again; the VAE only visits the GPU for previews
         pipeline.vae.to("cpu")
     pipeline.vae.enable_slicing()  # previews decode one image at a time: the same images in a fraction of the memory
     optimizer = torch.optim.AdamW(lora_parameters, lr=settings.train_policy_learning_rate)
@@ -214,8 +219,8 @@ def main(settings):
         accelerator.print(f"resuming from {resume_path}: epoch {first_epoch} of {settings.train_policy_num_epochs}")
     unet, optimizer = accelerator.prepare(unet, optimizer)
     # Sampling needs no gradient sync between processes: it calls the unwrapped UNet.
-    sampler = Denoiser(accelerator.unwrap_model(unet), pipeline.scheduler, positive, negative,
-                       settings.guidance_scale, settings.eta)
+    sampler = Denoiser(accelerator.unwrap_model(unet), pipeline.scheduler, guidance_scale=settings.guidance_scale,
+                       eta=settings.eta, **conditioning)
     trainer = replace(sampler, unet=torch.compile(unet) if settings.train_compile else unet)
 
     per_process = images_per_epoch(settings) // accelerator.num_processes
@@ -258,7 +263,7 @@ def main(settings):
             f"sampling {seconds['sampling']:.1f}s, training {seconds['training']:.1f}s")
         if epoch % settings.train_save_freq == 0 or epoch == settings.train_policy_num_epochs:
             if accelerator.is_main_process:
-                paths = save_lora(sampler.unet, settings.lora_path, epoch)
+                paths = save_lora(sampler.unet, settings.lora_path, epoch, family)
                 optimizer_path = os.path.join(settings.lora_path, f"optimizer_epoch_{epoch}.pt")
                 torch.save(optimizer.state_dict(), optimizer_path + ".tmp")
                 publish(optimizer_path + ".tmp", optimizer_path)

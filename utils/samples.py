@@ -7,6 +7,7 @@ import shutil
 
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from utils.files import publish
@@ -33,15 +34,23 @@ def latent_file(folder, image_name):
     return os.path.join(folder, LATENTS, os.path.splitext(image_name)[0] + ".safetensors")
 
 
-def save_latent(path, latent):
-    """Store a final latent (4, h/8, w/8) in fp16; temp file + rename."""
+def save_latent(path, latent, family="sd15"):
+    """Store a final latent (4, h/8, w/8) in fp16 with the model family that made it; temp file + rename."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_file({"latent": latent.detach().to("cpu", torch.float16).contiguous()}, path + ".tmp")
+    save_file({"latent": latent.detach().to("cpu", torch.float16).contiguous()}, path + ".tmp",
+              metadata={"family": family})
     publish(path + ".tmp", path)
 
 
 def load_latent(path):
     return load_file(path)["latent"].float()  # (4, h/8, w/8)
+
+
+def latent_family(path):
+    """"sd15" or "sdxl": the family of the model that made a saved latent (both have 4 channels, so
+    only this tells them apart). Latents saved before families were recorded are SD1.5's."""
+    with safe_open(path, framework="pt") as f:
+        return (f.metadata() or {}).get("family", "sd15")
 
 
 def history_rounds(folder):
