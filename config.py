@@ -13,7 +13,7 @@ import torch
 sample_path = "samples/"  # the current round: <seed>.png, latents/, scores.json; history/ holds earlier rounds
 score_path = "samples/scores.json"  # {"<seed>.png": score in -5..+5}, the seed WebApp's format
 model_path = "models/"  # reward model and its metrics are written here
-checkpoint_path = "models/checkpoint"  # diffusers-format SD1.5 folder (model_index.json, unet/, vae/, ...)
+checkpoint_path = "models/checkpoint"  # diffusers-format SD1.5 or SDXL folder (model_index.json, unet/, vae/, ...)
 reward_model_path = "models/reward_model.safetensors"  # latent CNN weights (+ .json with its metadata)
 lora_path = "outputs/"  # LoRAs (diffusers and WebUI/kohya format), optimizer state, metrics, plots
 
