@@ -9,6 +9,7 @@ and cuDNN/cuBLAS workspaces (~0.5-1 GiB, outside torch's allocator counters), fr
 autocast's fp32 norm outputs (counting with fp16 weights puts every activation in fp16).
 """
 
+import weakref
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -24,25 +25,40 @@ from utils.training_calls import set_gradient_checkpointing
 class LiveTensorBytes(TorchDispatchMode):
     """Bytes of the storages alive at once while entered, and their peak (views share their base's).
 
-    A storage is alive until it is freed, not until the tensor seen here is: autograd saves an output
-    for backward as a new tensor on the same storage, made in C++ where no Python mode sees it.
+    A storage is alive until it is freed, not until the tensors seen here are: autograd saves an output
+    for backward as a new tensor on the same storage, made in C++ where no Python mode sees it. So a
+    storage whose seen tensors are all gone becomes a suspect, and suspects are checked for being
+    freed whenever the count would set a new peak (between checks it can only be too high).
     """
 
     def __init__(self):
         super().__init__()
-        self.alive, self.now, self.peak = {}, 0, 0
+        self.alive, self.suspects, self.now, self.peak = {}, set(), 0, 0  # alive: key -> [seen tensors, bytes, ref]
+
+    def _tensor_gone(self, key):
+        entry = self.alive.get(key)
+        if entry:
+            entry[0] -= 1
+            if entry[0] == 0:
+                self.suspects.add(key)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         output = func(*args, **(kwargs or {}))
         for tensor in tree_flatten(output)[0]:
             if isinstance(tensor, torch.Tensor):
                 storage = tensor.untyped_storage()
-                if storage._cdata not in self.alive:
-                    self.alive[storage._cdata] = (StorageWeakRef(storage), storage.nbytes())
+                key = storage._cdata
+                if key not in self.alive:
+                    self.alive[key] = [0, storage.nbytes(), StorageWeakRef(storage)]
                     self.now += storage.nbytes()
-        self.peak = max(self.peak, self.now)
-        for key in [key for key, (ref, _) in self.alive.items() if ref.expired()]:
-            self.now -= self.alive.pop(key)[1]
+                self.alive[key][0] += 1
+                self.suspects.discard(key)
+                weakref.finalize(tensor, self._tensor_gone, key)
+        if self.now > self.peak:
+            for key in [key for key in self.suspects if self.alive[key][2].expired()]:
+                self.now -= self.alive.pop(key)[1]
+                self.suspects.discard(key)
+            self.peak = max(self.peak, self.now)
         return output
 
 
