@@ -115,7 +115,14 @@ def lora_gradient(denoiser, minibatch, timesteps_per_call):
     return torch.cat([p.grad.flatten() for p in denoiser.unet.parameters() if p.requires_grad])
 
 
-def test_the_lora_gradient_is_the_same_for_any_grouping_and_with_checkpointing(policy):
+def test_the_lora_gradient_is_the_same_for_any_grouping_and_with_checkpointing(policy, monkeypatch):
+    checkpoint, recomputed = torch.utils.checkpoint.checkpoint, []
+
+    def counted_checkpoint(*args, **kwargs):
+        recomputed.append(1)
+        return checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counted_checkpoint)
     denoiser, minibatch = policy
     one_at_a_time = lora_gradient(denoiser, minibatch, 1)
     assert all(p.grad.abs().max() > 0 for p in denoiser.unet.parameters() if p.requires_grad)
@@ -125,3 +132,4 @@ def test_the_lora_gradient_is_the_same_for_any_grouping_and_with_checkpointing(p
     checkpointed = replace(denoiser, unet=copy.deepcopy(denoiser.unet))
     checkpointed.unet.enable_gradient_checkpointing()
     torch.testing.assert_close(lora_gradient(checkpointed, minibatch, 3), one_at_a_time, **tolerance)
+    assert recomputed, "diffusers did not checkpoint any block"
