@@ -57,7 +57,8 @@ def model_family(pipeline):
 
 def text_encoders(pipeline):
     """The pipeline's text encoders (SDXL has two), e.g. to move them off the GPU once the prompt is encoded."""
-    return [encoder for encoder in (pipeline.text_encoder, getattr(pipeline, "text_encoder_2", None)) if encoder is not None]
+    encoders = (pipeline.text_encoder, getattr(pipeline, "text_encoder_2", None))
+    return [encoder for encoder in encoders if encoder is not None]
 
 
 @dataclass
