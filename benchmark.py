@@ -4,10 +4,12 @@
     python benchmark.py --arch sd15 --height 512 --width 512 --device cpu --samples 1 --steps 1 --compare
     python benchmark.py --arch sd15 --height 1080 --width 720 --device cuda --compare
     python benchmark.py --arch sd15 --height 1080 --width 720 --device cuda --memory_limit_gib 8
+    python benchmark.py --arch sdxl --height 1024 --width 1024 --device cuda --compare
+    python benchmark.py --arch sdxl --height 1024 --width 1024 --device cuda --memory_limit_gib 16
 
-Runs train_policy's own sampling and training functions on random weights: the tiny checkpoint
-(utils/tiny_checkpoint.py) or SD1.5's UNet architecture (860M parameters, random text
-embeddings). Any config.py setting can be given as --name=value, e.g. --train_timesteps_per_call=20.
+Runs train_policy's own sampling and training functions on random weights: the tiny checkpoints
+(utils/tiny_checkpoint.py: tiny, tiny_sdxl), SD1.5's UNet architecture (860M parameters) or SDXL's
+(2.6B parameters, with its added conditioning), with random text embeddings. Any config.py setting can be given as --name=value, e.g. --train_timesteps_per_call=20.
 Reports seconds per image for sampling and for training, and memory: CUDA max allocated, or on
 CPU the peak resident set (each configuration runs in its own process, so peaks do not mix).
 "Activation" memory is the training phase's peak minus the memory in use just before it.
@@ -31,19 +33,28 @@ from dataclasses import replace
 import torch
 
 import config
-from utils.cli import SettingsError, parse_settings, trained_timesteps
 from train_policy import load_models, run_epoch
+from utils.cli import SettingsError, parse_settings, trained_timesteps
+from utils.footprint import meta_unet_inputs, training_activation_bytes, weight_bytes
 from utils.lora import add_lora
+from utils.precision import WEIGHT_DTYPES, MixedPrecision, resolve_mixed_precision
 from utils.reward_model import LatentRewardModel
-from utils.precision import MixedPrecision, resolve_mixed_precision
-from utils.sampling import Denoiser, schedule_on
-from utils.training_calls import set_gradient_checkpointing
+from utils.sampling import Denoiser, schedule_on, sdxl_time_ids
+from utils.training_calls import set_gradient_checkpointing, training_call_candidates
 
 SD15_UNET = dict(  # SD1.5's unet/config.json; random weights
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+)
+SDXL_UNET = dict(  # SDXL base 1.0's unet/config.json (2.57B parameters); random weights
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+    cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, norm_num_groups=32,
 )
 
 
@@ -55,30 +66,37 @@ def peak_tflops(gpu_name):
     return next((peak for name, peak in PEAK_TFLOPS.items() if gpu_name and name in gpu_name), None)
 
 
-def flops_per_image_step(unet, settings, checkpointing, per_call):
+def flops_per_image_step(config, settings, checkpointing, per_call):
     """FLOPs of one image's DDIM step: (sampling, training).
 
     Sampling is one guided forward; training a forward and a backward, and the forward again under
-    checkpointing. Counted on a copy of the architecture on the meta device: shapes only, no compute.
+    checkpointing. Counted on the UNet architecture `config` on the meta device: shapes only, no compute.
     """
     from diffusers import UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
-        copy = UNet2DConditionModel.from_config(unet.config)
+        copy = UNet2DConditionModel.from_config(config)
     add_lora(copy, settings.lora_rank)
     set_gradient_checkpointing(copy, checkpointing)
 
     def flops(batch, train):
-        latents = torch.zeros(2 * batch, copy.config.in_channels, settings.height // 8, settings.width // 8, device="meta")
-        embeds = torch.zeros(2 * batch, 77, copy.config.cross_attention_dim, device="meta")
+        inputs = meta_unet_inputs(config, batch, settings.height, settings.width, torch.float32)
         with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(train):
-            output = copy(latents, torch.zeros(2 * batch, device="meta"), encoder_hidden_states=embeds).sample
+            output = copy(**inputs).sample
             if train:
                 output.sum().backward()
         return counter.get_total_flops() / batch
 
     return flops(1, False), flops(per_call, True)
+
+
+def random_added_conditioning(unet_config, height, width, seed):
+    """SDXL's added conditioning for random weights: a random pooled text embedding (1, pooled dim) and
+    the size ids of a height x width image (1, 6)."""
+    pooled_dim = unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
+    return {"text_embeds": torch.randn(1, pooled_dim, generator=torch.Generator().manual_seed(seed)),
+            "time_ids": sdxl_time_ids(height, width)}
 
 
 class Memory:
@@ -113,25 +131,30 @@ class Memory:
 
 
 def build_models(arch, settings, device, dtype, scratch):
-    """(unet, scheduler, (positive, negative) embeds) as train_policy has them after loading."""
+    """(unet, scheduler, the Denoiser's prompt conditioning) as train_policy has them after loading."""
     from diffusers.utils import logging as diffusers_logging
 
-    from utils.tiny_checkpoint import build_tiny_checkpoint, sd15_scheduler
+    from utils.tiny_checkpoint import build_tiny_checkpoint, build_tiny_sdxl_checkpoint, sd15_scheduler
 
     diffusers_logging.set_verbosity_error()  # casting a fresh UNet with .to(dtype) warns, though nothing is lost
 
-    if arch == "tiny":
-        checkpoint = build_tiny_checkpoint(os.path.join(scratch, "checkpoint"))
-        pipeline, positive, negative = load_models(settings, checkpoint, device, dtype)
-        return pipeline.unet, pipeline.scheduler, (positive, negative)
+    if arch in ("tiny", "tiny_sdxl"):
+        build = build_tiny_checkpoint if arch == "tiny" else build_tiny_sdxl_checkpoint
+        pipeline, conditioning = load_models(settings, build(os.path.join(scratch, "checkpoint")), device, dtype)
+        return pipeline.unet, pipeline.scheduler, conditioning
     from diffusers import UNet2DConditionModel
 
-    # Only the UNet: with train_offload_frozen, train_policy's text encoder and VAE are not on the device either.
+    # Only the UNet: with train_offload_frozen, train_policy's text encoders and VAE are not on the device either.
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15_UNET).to(device, dtype)
-    embeds = tuple(torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(i)).to(device, dtype)
-                   for i in (0, 1))
-    return unet, schedule_on(sd15_scheduler(), device), embeds
+    unet = UNet2DConditionModel(**(SD15_UNET if arch == "sd15" else SDXL_UNET)).to(device, dtype)
+    embeds = [torch.randn(1, 77, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(i))
+              .to(device, dtype) for i in (0, 1)]
+    conditioning = {"positive_embeds": embeds[0], "negative_embeds": embeds[1]}
+    if unet.config.addition_embed_type == "text_time":  # SDXL, whose DDIM schedule is SD1.5's
+        for name, seed in (("positive_added", 0), ("negative_added", 1)):
+            added = random_added_conditioning(unet.config, settings.height, settings.width, seed)
+            conditioning[name] = {key: value.to(device, dtype) for key, value in added.items()}
+    return unet, schedule_on(sd15_scheduler(), device), conditioning
 
 
 def measure(arch, settings, epochs, memory_limit_gib=None):
@@ -147,14 +170,14 @@ def measure(arch, settings, epochs, memory_limit_gib=None):
     precision = MixedPrecision.create(resolve_mixed_precision(settings.mixed_precision, device.type), device.type)
     dtype = precision.weights_dtype
     with tempfile.TemporaryDirectory() as scratch:
-        unet, scheduler, (positive, negative) = build_models(arch, settings, device, dtype, scratch)
+        unet, scheduler, conditioning = build_models(arch, settings, device, dtype, scratch)
     lora_parameters = add_lora(unet, settings.lora_rank)
     torch.manual_seed(0)
     reward_model = LatentRewardModel().to(device).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(lora_parameters, lr=settings.train_policy_learning_rate)
     unet = accelerator.prepare(unet)
-    sampler = Denoiser(accelerator.unwrap_model(unet), scheduler, positive, negative, settings.guidance_scale,
-                       settings.eta, precision.autocast)
+    sampler = Denoiser(accelerator.unwrap_model(unet), scheduler, guidance_scale=settings.guidance_scale,
+                       eta=settings.eta, autocast=precision.autocast, **conditioning)
     trainer = replace(sampler, unet=torch.compile(unet) if settings.train_compile else unet)
     result = {"precision": precision.name, "unet_parameters": sum(p.numel() for p in sampler.unet.parameters()),
               "lora_parameters": sum(p.numel() for p in lora_parameters), "memory_after_load": memory.now(),
@@ -176,7 +199,7 @@ def measure(arch, settings, epochs, memory_limit_gib=None):
             training_call = epoch_result["training_call"]
             result["gradient_checkpointing"], result["timesteps_per_call"] = training_call
             result["sampling_flops_per_image_step"], result["training_flops_per_image_step"] = flops_per_image_step(
-                sampler.unet, settings, *training_call)
+                sampler.unet.config, settings, *training_call)
         seconds, cpu_seconds = epoch_result["seconds"], epoch_result["cpu_seconds"]
         result["epochs"].append({
             "sampling_seconds": seconds["sampling"], "training_seconds": seconds["training"],
@@ -210,6 +233,55 @@ def summarise(run, samples, steps, trained_steps):
     return figures
 
 
+CUDA_OVERHEAD = 1.0 * 2**30  # CUDA context and cuBLAS/cuDNN workspaces: outside the counted tensors
+GPU_SIZES_GIB = (8, 12, 16, 24)
+
+
+def count_only(arch, settings, trained_steps, gpu_sizes_gib):
+    """--count_only: FLOPs and the estimated GPU memory of a training step from the architecture alone (meta
+    device, utils/footprint.py), and the training call `auto` would settle on for each GPU size."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from utils.tiny_checkpoint import tiny_sdxl_unet, tiny_unet
+
+    diffusers_logging.set_verbosity_error()  # casting the meta UNet to fp16 warns, though nothing is lost
+    config = {"sd15": SD15_UNET, "sdxl": SDXL_UNET}.get(arch) or dict(
+        (tiny_unet() if arch == "tiny" else tiny_sdxl_unet()).config)
+    dtype = WEIGHT_DTYPES[resolve_mixed_precision(settings.mixed_precision, "cuda")]  # as on the GPU it estimates
+    frozen, lora_state = weight_bytes(config, settings.lora_rank, dtype)
+    report = {"frozen_weights": frozen, "lora_weights_gradients_adam": lora_state, "cuda_overhead": CUDA_OVERHEAD,
+              "dtype": str(dtype), "checkpointing": {}}
+    for checkpointing in (False, True):
+        sampling_flops, training_flops = flops_per_image_step(config, settings, checkpointing, 1)
+        one, two = (training_activation_bytes(config, settings.lora_rank, checkpointing, n, settings.height,
+                                              settings.width, dtype) for n in (1, 2))
+        report["checkpointing"][checkpointing] = {
+            "sampling_flops_per_image_step": sampling_flops, "training_flops_per_image_step": training_flops,
+            "activation_one_timestep": one, "activation_each_further_timestep": two - one}
+        print(f"checkpointing {'on ' if checkpointing else 'off'}: sampling {sampling_flops / 1e12:.2f} TFLOP, training "
+              f"{training_flops / 1e12:.2f} TFLOP per image step; training activations {_gib(one)} for one timestep "
+              f"per call, +{_gib(two - one)} per further timestep")
+
+    def needed(candidate):
+        checkpointing, per_call = candidate
+        figures = report["checkpointing"][checkpointing]
+        activations = figures["activation_one_timestep"] + (per_call - 1) * figures["activation_each_further_timestep"]
+        return frozen + lora_state + CUDA_OVERHEAD + activations
+
+    print(f"UNet weights {_gib(frozen)} ({dtype}), LoRA + gradients + AdamW {_gib(lora_state)}, CUDA context "
+          f"~{_gib(CUDA_OVERHEAD)}")
+    candidates = training_call_candidates(settings.train_gradient_checkpointing, settings.train_timesteps_per_call,
+                                          trained_steps)
+    report["fits"] = {}
+    for size in gpu_sizes_gib:
+        chosen = next((c for c in candidates if needed(c) <= size * 2**30), None)
+        report["fits"][size] = chosen and {"gradient_checkpointing": chosen[0], "timesteps_per_call": chosen[1],
+                                           "estimated_memory": needed(chosen)}
+        print(f"{size:g} GB GPU: " + ("nothing fits" if chosen is None else
+              f"checkpointing {'on' if chosen[0] else 'off'}, {chosen[1]} timestep(s) per call, ~{_gib(needed(chosen))}"))
+    return report
+
+
 def variants(settings, trained_steps, use_cuda):
     """The base run, then one run per speed/memory setting set each way: (name, settings overrides)."""
     runs = [("default", {})]
@@ -226,7 +298,7 @@ def variants(settings, trained_steps, use_cuda):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=["tiny", "sd15"], default="tiny")
+    parser.add_argument("--arch", choices=["tiny", "tiny_sdxl", "sd15", "sdxl"], default="tiny")
     parser.add_argument("--height", type=int, default=64)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--device", default=config.device)
@@ -238,6 +310,9 @@ def main():
                         help="cuda: act as a GPU with this much memory (e.g. 8), so auto settings choose as they would there")
     parser.add_argument("--peak_tflops", type=float,
                         help="the GPU's dense fp16/bf16 peak, to report utilisation (known: " + ", ".join(PEAK_TFLOPS) + ")")
+    parser.add_argument("--count_only", action="store_true",
+                        help="run nothing: FLOPs and estimated GPU memory from the architecture (meta device), and what "
+                             "auto picks on 8/12/16/24 GB GPUs (or --memory_limit_gib)")
     parser.add_argument("--out", help="JSON file to write")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args()
@@ -252,6 +327,17 @@ def main():
     except SettingsError as error:
         parser.error(str(error))
     use_cuda = settings.device.startswith("cuda")
+    if args.count_only:
+        trained_steps = trained_timesteps(args.steps, settings.train_timestep_fraction)
+        report = {"arch": args.arch, "height": args.height, "width": args.width, "steps": args.steps,
+                  "lora_rank": settings.lora_rank, **count_only(args.arch, settings, trained_steps,
+                                                                 [args.memory_limit_gib] if args.memory_limit_gib
+                                                                 else GPU_SIZES_GIB)}
+        if args.out:
+            os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=1)
+        return
     if args.child:  # one configuration, in its own process: figures as JSON on the last line of stdout
         print(json.dumps(measure(args.arch, settings, args.epochs, args.memory_limit_gib)))
         return

@@ -13,7 +13,7 @@ import torch
 sample_path = "samples/"  # the current round: <seed>.png, latents/, scores.json; history/ holds earlier rounds
 score_path = "samples/scores.json"  # {"<seed>.png": score in -5..+5}, the seed WebApp's format
 model_path = "models/"  # reward model and its metrics are written here
-checkpoint_path = "models/checkpoint"  # a diffusers folder (model_index.json, unet/, ...) or one WebUI/ComfyUI .safetensors file
+checkpoint_path = "models/checkpoint"  # SD1.x or SDXL: a diffusers folder (model_index.json, unet/, ...) or one WebUI/ComfyUI .safetensors file
 checkpoint_config = ""  # a diffusers folder whose configs + tokenizer load a single-file checkpoint ("" = those shipped in utils/configs/)
 reward_model_path = "models/reward_model.safetensors"  # latent CNN weights (+ .json with its metadata)
 lora_path = "outputs/"  # LoRAs (diffusers and WebUI/kohya format), optimizer state, metrics, plots

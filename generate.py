@@ -2,8 +2,9 @@
 
     python generate.py [--name=value ...]          (or: accelerate launch generate.py ...)
 
-Reads   models/checkpoint/ (a diffusers folder, or the checkpoint file checkpoint_path names) and, by default,
-        the newest outputs/diffusers_lora_epoch_N.safetensors (--generate_lora=none for the base model, or a path).
+Reads   models/checkpoint/ (SD1.x or SDXL: a diffusers folder, or the checkpoint file checkpoint_path names) and,
+        by default, the newest outputs/diffusers_lora_epoch_N.safetensors (--generate_lora=none for the base
+        model, or a path).
 Writes  samples/<seed>.png with WebUI-style `parameters`, samples/latents/<seed>.safetensors (the final
         latent, so no stage re-encodes PNGs), samples/round.json (the round's settings and seeds).
 An interrupted run resumes: run it again and only the missing images are made. A new round (other
@@ -20,7 +21,7 @@ from accelerate import PartialState
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
-from utils.checkpoint import model_identity
+from utils.checkpoint import model_family, model_identity
 from utils.cli import UserError, run_stage
 from utils.files import crash_point, read_json, write_json_atomic, writing
 from utils.locks import folder_lock
@@ -96,9 +97,9 @@ def plan_round(settings, parameters):
     write_json_atomic(round_path, current)
 
 
-def save_image(folder, seed, image, latent, parameters_text):
+def save_image(folder, seed, image, latent, parameters_text, family):
     """Latent first, PNG last and renamed into place: a PNG on disk means the image is complete."""
-    save_latent(latent_file(folder, f"{seed}.png"), latent)
+    save_latent(latent_file(folder, f"{seed}.png"), latent, family)
     crash_point("generate.latent_saved")
     info = PngInfo()
     info.add_text("parameters", parameters_text)
@@ -156,7 +157,7 @@ def generate(settings, state):
                 text = webui_parameters(settings.prompt, settings.negative_prompt, settings.num_inference_steps,
                                         settings.guidance_scale, seed, settings.width, settings.height, settings.eta,
                                         model_name, lora_name, model_hash)
-                save_image(settings.sample_path, seed, image, latent, text)
+                save_image(settings.sample_path, seed, image, latent, text, model_family(pipeline))
             bar.update(len(batch))
         bar.close()
     state.wait_for_everyone()

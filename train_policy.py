@@ -3,7 +3,8 @@
     python train_policy.py [--name=value ...]
     accelerate launch train_policy.py [...]         (several GPUs: each samples its share)
 
-Reads   models/checkpoint (a diffusers folder or a WebUI/ComfyUI file), models/reward_model.safetensors,
+Reads   models/checkpoint (SD1.x or SDXL, a diffusers folder or a WebUI/ComfyUI file), models/reward_model.safetensors
+        (trained on that family),
         and to resume outputs/resume_state.pt or the newest outputs/diffusers_lora_epoch_N.safetensors.
 Writes  every train_save_freq epochs: outputs/ui_lora_epoch_N.safetensors (WebUI / ComfyUI) with its card
         ui_lora_epoch_N.preview.png, outputs/optimizer_epoch_N.pt, outputs/preview_epoch_N.png and, last,
@@ -28,17 +29,17 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from utils.checkpoint import model_family
 from utils.cli import UserError, images_per_epoch, run_stage, seed_list, trained_timesteps, validate_settings
 from utils.ddpo import compute_advantages, policy_gradient_backward
 from utils.files import writing
 from utils.locks import folder_lock
-from utils.checkpoint import pipeline_family
 from utils.lora import add_lora, epoch_files, lora_metadata, save_lora, save_lora_card
 from utils.metrics import append_jsonl, contact_sheet, plot_curves, read_jsonl
-from utils.reward_model import load_reward_model
-from utils.sampling import Denoiser, decode_latents, encode_prompt, load_pipeline, sample_with_logprob
 from utils.precision import MixedPrecision, gradients_are_finite, resolve_mixed_precision
+from utils.reward_model import check_family, load_reward_model
 from utils.run_state import STATE_FILE, lora_is_finite, resume_training, save_run_state
+from utils.sampling import Denoiser, decode_latents, load_pipeline, prompt_conditioning, sample_with_logprob, text_encoders
 from utils.training_calls import fit_training_calls, training_call_candidates
 
 USED_SETTINGS = ["checkpoint_path", "checkpoint_config", "reward_model_path", "lora_path", "lora_name_prefix",
@@ -190,14 +191,16 @@ def run_epoch(settings, epoch, accelerator, sampler, trainer, optimizer, precisi
 
 
 def load_models(settings, checkpoint_path, device, dtype):
-    """(pipeline, positive and negative prompt embeddings (1, 77, dim)) as training uses them."""
+    """(pipeline, the prompts' conditioning: Denoiser's keyword arguments) as training uses them."""
     pipeline = load_pipeline(checkpoint_path, device, dtype, settings.checkpoint_config)
-    positive, negative = encode_prompt(pipeline, settings.prompt, settings.negative_prompt, device)
+    conditioning = prompt_conditioning(pipeline, settings.prompt, settings.negative_prompt, settings.height,
+                                       settings.width, device)
     if settings.train_offload_frozen:
-        pipeline.text_encoder.to("cpu")  # not needed again; the VAE only visits the GPU for previews
+        for encoder in text_encoders(pipeline):
+            encoder.to("cpu")  # not needed again; the VAE only visits the GPU for previews
         pipeline.vae.to("cpu")
     pipeline.vae.enable_slicing()  # previews decode one image at a time: the same images in a fraction of the memory
-    return pipeline, positive, negative
+    return pipeline, conditioning
 
 
 def save_preview(path, pipeline, sampler, reward_model, seeds, epoch, height, width, num_inference_steps):
@@ -236,8 +239,9 @@ def save_epoch(settings, epoch, pipeline, sampler, optimizer, reward_model, seed
         lora_images = save_preview(files["preview"], pipeline, sampler, reward_model, seeds_to_preview, epoch,
                                    settings.height, settings.width, settings.num_inference_steps)
         written += [files["preview"], save_lora_card(settings.lora_path, epoch, settings.lora_name_prefix, lora_images[0])]
-    metadata = lora_metadata(settings, epoch, sampler.unet, pipeline_family(pipeline))
-    return [*save_lora(sampler.unet, settings.lora_path, epoch, settings.lora_name_prefix, metadata), *written]
+    family = model_family(pipeline)
+    metadata = lora_metadata(settings, epoch, sampler.unet, family)
+    return [*save_lora(sampler.unet, settings.lora_path, epoch, settings.lora_name_prefix, metadata, family), *written]
 
 
 def main(settings):
@@ -260,7 +264,8 @@ def train(settings, accelerator):
 
     # ---------------------------------------------------------------- MODELS
     # Frozen weights in the half dtype (half the memory), LoRA in fp32, autocast around every UNet call.
-    pipeline, positive, negative = load_models(settings, settings.checkpoint_path, device, precision.weights_dtype)
+    pipeline, conditioning = load_models(settings, settings.checkpoint_path, device, precision.weights_dtype)
+    check_family(settings.reward_model_path, model_family(pipeline), "the latents of checkpoint_path's model")
     unet = pipeline.unet
     if settings.attention_backend == "xformers":
         try:
@@ -277,8 +282,8 @@ def train(settings, accelerator):
         group["lr"] = settings.train_policy_learning_rate
     unet = accelerator.prepare(unet)
     # Sampling needs no gradient sync between processes: it calls the unwrapped UNet.
-    sampler = Denoiser(accelerator.unwrap_model(unet), pipeline.scheduler, positive, negative,
-                       settings.guidance_scale, settings.eta, precision.autocast)
+    sampler = Denoiser(accelerator.unwrap_model(unet), pipeline.scheduler, guidance_scale=settings.guidance_scale,
+                       eta=settings.eta, autocast=precision.autocast, **conditioning)
     trainer = replace(sampler, unet=torch.compile(unet) if settings.train_compile else unet)
     if first_epoch > 1 and is_save_epoch(settings, first_epoch - 1) and accelerator.is_main_process and \
             not os.path.isfile(epoch_files(settings.lora_path, first_epoch - 1, settings.lora_name_prefix)["diffusers"]):

@@ -24,12 +24,13 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from utils.checkpoint import model_family
 from utils.cli import UserError, run_stage
 from utils.files import read_json, round_file_problem, scores_format_problem, write_json_atomic
 from utils.metrics import append_jsonl, contact_sheet, pairwise_accuracy, pearson, plot_curves, read_jsonl, spearman
-from utils.reward_model import (MIN_LATENT_SIZE, LatentRewardModel, load_reward_model, reward_model_metadata,
-                                save_reward_model)
-from utils.samples import history_rounds, interrupted_archives, latent_file, lives_in, load_latent
+from utils.reward_model import (FAMILY_NAMES, MIN_LATENT_SIZE, LatentRewardModel, check_family, load_reward_model,
+                                reward_model_metadata, save_reward_model)
+from utils.samples import history_rounds, interrupted_archives, latent_family, latent_file, lives_in, load_latent
 from utils.sampling import load_pipeline
 
 USED_SETTINGS = ["sample_path", "score_path", "model_path", "reward_model_path", "checkpoint_path", "checkpoint_config", "device",
@@ -79,8 +80,9 @@ def rated_rounds(settings):
 
 
 def load_pairs(settings, device):
-    """(latents (n, 4, h/8, w/8), scores (n,)) of every rated image found; missing images are counted."""
-    latents, scores, missing, unencoded = [], [], 0, []
+    """(latents (n, 4, h/8, w/8), scores (n,), model family) of every rated image found of the majority's
+    size and family; missing images are counted."""
+    latents, families, scores, missing, unencoded = [], [], [], 0, []
     rounds = rated_rounds(settings)
     if len(rounds) > 1 and not os.path.isfile(settings.score_path):
         rounds = rounds[1:]  # the current round is not rated yet; learn from the rated history
@@ -89,9 +91,11 @@ def load_pairs(settings, device):
             saved = latent_file(folder, name)
             if lives_in(os.path.dirname(saved), os.path.basename(saved)):
                 latents.append(load_latent(saved))
+                families.append(latent_family(saved))
             elif lives_in(folder, name):
                 unencoded.append((len(latents), os.path.join(folder, name)))
                 latents.append(None)
+                families.append(None)
             else:  # gone, or a link to a file outside the round
                 missing += 1
                 continue
@@ -99,26 +103,28 @@ def load_pairs(settings, device):
     if missing:
         print(f"skipped {missing} rated entries whose image is not in their round's folder")
     if unencoded:
-        encode_images(settings, unencoded, latents, device)
+        family = encode_images(settings, unencoded, latents, device)
+        families = [family if f is None else f for f in families]
     if not latents:
         raise UserError(f"no rated images found in {settings.score_path} (or history): rate some with `python score.py`.")
-    shapes = [tuple(x.shape) for x in latents]
-    common = max(set(shapes), key=shapes.count)
-    keep = [i for i, s in enumerate(shapes) if s == common]
+    kinds = [(tuple(x.shape), f) for x, f in zip(latents, families)]
+    common = max(set(kinds), key=kinds.count)
+    keep = [i for i, kind in enumerate(kinds) if kind == common]
     if len(keep) < len(latents):
-        print(f"skipped {len(latents) - len(keep)} ratings of images of another size than the majority's {common}")
-    if min(common[1:]) < MIN_LATENT_SIZE:
-        raise UserError(f"the rated images' latents are {common[1]}x{common[2]}, but the reward model needs at least "
+        print(f"skipped {len(latents) - len(keep)} ratings of images of another size or model family than the "
+              f"majority's {common[0]} {FAMILY_NAMES[common[1]]}")
+    shape = common[0]
+    if min(shape[1:]) < MIN_LATENT_SIZE:
+        raise UserError(f"the rated images' latents are {shape[1]}x{shape[2]}, but the reward model needs at least "
                         f"{MIN_LATENT_SIZE}x{MIN_LATENT_SIZE} (images of {MIN_LATENT_SIZE * 8} px): "
                         "generate and rate larger images.")
-    return torch.stack([latents[i] for i in keep]), torch.tensor([scores[i] for i in keep])
+    return torch.stack([latents[i] for i in keep]), torch.tensor([scores[i] for i in keep]), common[1]
 
 
 @torch.no_grad()
 def encode_images(settings, unencoded, latents, device, size=None):
-    """VAE-encode images that have no saved latent (made elsewhere) into `latents`, in place.
-
-    Images are resized to `size` (h, w) if given.
+    """VAE-encode images that have no saved latent (made elsewhere) into `latents`, in place; returns the
+    checkpoint's model family (theirs now). Images are resized to `size` (h, w) if given.
     """
     print(f"VAE-encoding {len(unencoded)} images that have no saved latent")
     pipeline = load_pipeline(settings.checkpoint_path, device, torch.float32, settings.checkpoint_config)
@@ -133,6 +139,7 @@ def encode_images(settings, unencoded, latents, device, size=None):
         pixels = pipeline.image_processor.preprocess(rgb, height, width).to(device)
         latent = pipeline.vae.encode(pixels).latent_dist.mean * pipeline.vae.config.scaling_factor
         latents[index] = latent[0].cpu()  # (4, h/8, w/8)
+    return model_family(pipeline)
 
 
 def split(n, ratio):
@@ -162,11 +169,15 @@ def rank_folder(settings, device):
     if not names:
         raise UserError(f"--rank_folder={folder!r} is not a folder with .png, .jpg or .webp images in it.")
     model = load_reward_model(settings.reward_model_path, device)
-    latents = [load_latent(latent_file(folder, n)) if os.path.isfile(latent_file(folder, n)) else None for n in names]
+    saved = [latent_file(folder, n) for n in names]
+    latents = [load_latent(path) if os.path.isfile(path) else None for path in saved]
+    for family in {latent_family(path) for path in saved if os.path.isfile(path)}:
+        check_family(settings.reward_model_path, family, f"the saved latents in {folder}")
     unencoded = [(i, os.path.join(folder, n)) for i, n in enumerate(names) if latents[i] is None]
     if unencoded:  # at the size the model was trained on, as the person saw their samples
         shape = reward_model_metadata(settings.reward_model_path).get("latent_shape")
-        encode_images(settings, unencoded, latents, device, shape and (shape[1] * 8, shape[2] * 8))
+        family = encode_images(settings, unencoded, latents, device, shape and (shape[1] * 8, shape[2] * 8))
+        check_family(settings.reward_model_path, family, f"the images of {folder} encoded by checkpoint_path's VAE")
     scores = sorted(((model(x[None].to(device)).item(), n) for x, n in zip(latents, names)), reverse=True)
     ranking = [{"rank": rank, "image": name, "score": score} for rank, (score, name) in enumerate(scores, 1)]
 
@@ -197,7 +208,7 @@ def main(settings):
     if settings.rank_folder:
         return rank_folder(settings, device)
     torch.manual_seed(settings.seed)
-    latents, scores = load_pairs(settings, device)  # (n, 4, h/8, w/8), (n,)
+    latents, scores, family = load_pairs(settings, device)  # (n, 4, h/8, w/8), (n,), "sd15" or "sdxl"
     train_idx, test_idx = split(len(scores), settings.train_reward_test_split_ratio)
     if len(train_idx) == 0:
         raise UserError(f"train_reward_test_split_ratio={settings.train_reward_test_split_ratio} holds out all "
@@ -205,7 +216,8 @@ def main(settings):
     train_x, train_y = latents[train_idx].to(device), scores[train_idx].to(device)
     test_x, test_y = latents[test_idx].to(device), scores[test_idx].to(device)
     print(f"{len(scores)} ratings (mean {scores.mean():.2f}, variance {scores.var(unbiased=False):.2f}): "
-          f"{len(train_idx)} to train on, {len(test_idx)} held out to test; latents {tuple(latents.shape[1:])}")
+          f"{len(train_idx)} to train on, {len(test_idx)} held out to test; {FAMILY_NAMES[family]} latents "
+          f"{tuple(latents.shape[1:])}")
     if len(test_idx) < MIN_TEST_RATINGS:
         print(f"warning: only {len(test_idx)} ratings held out for testing; the test metrics below are unreliable. "
               "Rate more images (or raise train_reward_test_split_ratio).")
@@ -249,7 +261,7 @@ def main(settings):
     model.load_state_dict(best_state)
     save_reward_model(model, settings.reward_model_path, {
         "epoch": best["epoch"], "test_loss": best.get("test_loss"), "test_pearson": best.get("test_pearson"),
-        "latent_shape": list(latents.shape[1:]), "num_ratings": len(scores),
+        "latent_shape": list(latents.shape[1:]), "family": family, "num_ratings": len(scores),
         "score_mean": scores.mean().item(), "score_std": scores.std().item() if len(scores) > 1 else 0.0})
     plot_path = os.path.join(settings.model_path, "reward_metrics.png")
     plot_curves(plot_path, [r for r in read_jsonl(metrics_path) if r.get("run") == run_started], "epoch",

@@ -1,4 +1,4 @@
-"""Shared by the tests: the tiny SD1.5-shaped checkpoint, and running a stage script as a user would.
+"""Shared by the tests: the tiny SD1.5- and SDXL-shaped checkpoints, and running a stage script as a user would.
 
 Every test that runs a script gives it a folder of its own: all paths point into it and it is the
 working directory, so no test can touch the repository's models/, samples/ or outputs/.
@@ -23,7 +23,8 @@ from utils.cli import stage_paths  # noqa: E402
 from utils.lora import add_lora  # noqa: E402
 from utils.reward_model import LatentRewardModel, save_reward_model  # noqa: E402
 from utils.sampling import Denoiser  # noqa: E402
-from utils.tiny_checkpoint import CROSS_ATTENTION_DIM, build_tiny_checkpoint, sd15_scheduler, tiny_unet  # noqa: E402
+from utils.tiny_checkpoint import (CROSS_ATTENTION_DIM, build_tiny_checkpoint, build_tiny_sdxl_checkpoint,  # noqa: E402
+                                   sd15_scheduler, tiny_unet)
 
 # The tiny models gain nothing from threads, and on a small machine shared with other work PyTorch's
 # per-core threads make them many times slower. OMP_NUM_THREADS, when set, wins.
@@ -39,6 +40,12 @@ TINY_SETTINGS = {"device": "cpu", "height": 64, "width": 64, "num_inference_step
 def tiny_checkpoint(tmp_path_factory):
     """Path of a tiny diffusers checkpoint on disk (built once per test session)."""
     return str(build_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny_checkpoint"))))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_checkpoint(tmp_path_factory):
+    """Path of a tiny diffusers SDXL checkpoint on disk (built once per test session)."""
+    return str(build_tiny_sdxl_checkpoint(str(tmp_path_factory.mktemp("tiny_sdxl_checkpoint"))))
 
 
 @pytest.fixture(scope="session")

@@ -64,8 +64,8 @@ def load_checkpoint(path, dtype, config=""):
     return _from_single_file(path, family, config_folder(config, family), bool(config), dtype)
 
 
-def pipeline_family(pipeline):
-    """"sdxl" or "sd15": the family of a loaded pipeline."""
+def model_family(pipeline):
+    """"sdxl" for an SDXL pipeline, "sd15" for SD1.x: what the LoRA export and the reward model depend on."""
     return "sdxl" if isinstance(pipeline, StableDiffusionXLPipeline) else "sd15"
 
 

@@ -51,37 +51,65 @@ def lora_alpha(unet):
     return unet.peft_config["default"].lora_alpha
 
 
-def kohya_state_dict(peft_state_dict, alpha):
-    """peft keys -> the keys WebUI and ComfyUI read for an SD1.5 UNet LoRA, fp16.
+def sdxl_original_module(module, layers_per_block):
+    """An SDXL UNet attention's diffusers path -> its path in the original (sgm) UNet, which kohya's SDXL
+    LoRAs are keyed by: each down block holds layers_per_block + 1 input blocks (the last is its
+    downsampler; input block 0 is conv_in), each up block layers_per_block + 1 output blocks, and an
+    attention is the block's second part.
 
+    `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q` -> `input_blocks.4.1.transformer_blocks.0.attn1.to_q`
+    `mid_block.attentions.0.…` -> `middle_block.1.…`; `up_blocks.0.attentions.2.…` -> `output_blocks.2.1.…`
+    """
+    match = re.fullmatch(r"(down_blocks|up_blocks)\.(\d+)\.attentions\.(\d+)\.(.+)", module)
+    if match:
+        kind, block, layer, rest = match.group(1), int(match.group(2)), int(match.group(3)), match.group(4)
+        if kind == "down_blocks":
+            return f"input_blocks.{1 + (layers_per_block + 1) * block + layer}.1.{rest}"
+        return f"output_blocks.{(layers_per_block + 1) * block + layer}.1.{rest}"
+    match = re.fullmatch(r"mid_block\.attentions\.0\.(.+)", module)
+    if match:
+        return f"middle_block.1.{match.group(1)}"
+    raise ValueError(f"{module} is not an attention layer of an SDXL UNet")
+
+
+def kohya_state_dict(peft_state_dict, alpha, family="sd15", layers_per_block=2):
+    """peft keys -> the keys WebUI and ComfyUI read for a UNet LoRA of that family, fp16.
+
+    SD1.x, as kohya's SD1 LoRAs: the diffusers module path,
     `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight` becomes
     `lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight`.
+    SDXL, as kohya's SDXL LoRAs: the original UNet's path (sdxl_original_module), e.g.
+    `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight`.
     Written here rather than with diffusers' convert_state_dict_to_kohya, which drops the
     `lora_unet_` prefix for bare peft keys and writes alpha = rank whatever training used.
     """
     kohya = {}
     for key, weight in peft_state_dict.items():
         module, kind = re.fullmatch(r"(.+)\.lora_([AB])\.weight", key).groups()
+        if family == "sdxl":
+            module = sdxl_original_module(module, layers_per_block)
         name = "lora_unet_" + module.replace(".", "_")
         kohya[f"{name}.lora_{'down' if kind == 'A' else 'up'}.weight"] = weight.detach().to("cpu", torch.float16).contiguous()
         kohya[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float16)
     return kohya
 
 
-def save_lora(unet, folder, epoch, prefix="", metadata=None):
-    """Write <prefix>diffusers_lora_epoch_N and <prefix>ui_lora_epoch_N (kohya) to `folder`; returns both paths.
+def save_lora(unet, folder, epoch, prefix="", metadata=None, family="sd15"):
+    """Write <prefix>ui_lora_epoch_N (kohya, keyed for the model `family`, "sd15" or "sdxl") and
+    <prefix>diffusers_lora_epoch_N to `folder`; returns (diffusers path, ui path).
 
     `metadata` (lora_metadata's) goes into the ui_lora file's header, where WebUI and ComfyUI show it.
     Each file is written under a temporary name and renamed, so a crash never leaves half a LoRA.
     """
     state = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(unet).items()}
     paths = epoch_files(folder, epoch, prefix)
-    kohya = kohya_state_dict(state, lora_alpha(unet))
+    kohya = kohya_state_dict(state, lora_alpha(unet), family, unet.config.layers_per_block)
     if not all(torch.isfinite(w).all() for w in [*state.values(), *kohya.values()]):
         raise UserError(f"the LoRA of epoch {epoch} has weights that are not finite (or beyond fp16's range, in "
                         f"which WebUI files are saved); it was not saved. Lower train_policy_learning_rate.")
     with writing(paths["ui"]) as temp_path:
-        save_file(kohya, temp_path, metadata=metadata or {"ss_network_module": "networks.lora"})
+        save_file(kohya, temp_path, metadata=metadata or {"ss_network_module": "networks.lora",
+                                                               "ss_base_model_version": BASE_MODELS[family][0]})
     # Last: resume and generate know a saved epoch by this file, so an interrupted save is not complete.
     with writing(paths["diffusers"]) as temp_path:
         StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=state,

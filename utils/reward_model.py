@@ -60,6 +60,25 @@ def reward_model_metadata(path):
     return metadata
 
 
+FAMILY_NAMES = {"sd15": "SD1.x", "sdxl": "SDXL"}
+
+
+def reward_model_family(path):
+    """The model family whose latents the reward model learned; models saved before it was recorded: SD1.5."""
+    return reward_model_metadata(path).get("family", "sd15")
+
+
+def check_family(path, family, latents_of):
+    """Refuse to score latents of another model family than the reward model learned: both have 4 channels,
+    so nothing else would notice, and its scores would mean nothing."""
+    trained = reward_model_family(path)
+    if trained != family:
+        raise UserError(
+            f"the reward model {path} learned {FAMILY_NAMES[trained]} latents and cannot score {latents_of}, which "
+            f"are {FAMILY_NAMES[family]}: train one on ratings of this model's images (generate.py, score.py, "
+            f"train_reward.py), or set reward_model_path to one trained for {FAMILY_NAMES[family]}.")
+
+
 def load_reward_model(path, device="cpu"):
     """The frozen reward model saved at `path`, in eval mode on `device`; UserError if it is not one."""
     if not os.path.isfile(path):

@@ -8,7 +8,7 @@ import time
 
 import torch
 from PIL import Image
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from utils.cli import UserError
@@ -53,11 +53,12 @@ def latent_file(folder, image_name):
     return os.path.join(folder, LATENTS, os.path.splitext(image_name)[0] + ".safetensors")
 
 
-def save_latent(path, latent):
-    """Store a final latent (4, h/8, w/8) in fp16; temp file + rename."""
+def save_latent(path, latent, family="sd15"):
+    """Store a final latent (4, h/8, w/8) in fp16 with the model family that made it; temp file + rename."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with writing(path) as temp_path:
-        save_file({"latent": latent.detach().to("cpu", torch.float16).contiguous()}, temp_path)
+        save_file({"latent": latent.detach().to("cpu", torch.float16).contiguous()}, temp_path,
+                  metadata={"family": family})
 
 
 def load_latent(path):
@@ -75,6 +76,13 @@ def load_latent(path):
             return latent
     raise UserError(f"{path} is {problem}: move it away (the image is then VAE-encoded from its PNG) "
                     "or remove the image's rating.")
+
+
+def latent_family(path):
+    """"sd15" or "sdxl": the family of the model that made a saved latent (both have 4 channels, so
+    only this tells them apart). Latents saved before families were recorded are SD1.5's."""
+    with safe_open(path, framework="pt") as f:
+        return (f.metadata() or {}).get("family", "sd15")
 
 
 def history_rounds(folder):

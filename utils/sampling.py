@@ -1,4 +1,9 @@
-"""Loading the pipeline, the guided UNet, and the DDPO sampling loop (DDIM + CFG, per-step log-probs)."""
+"""Loading the pipeline, the guided UNet, and the DDPO sampling loop (DDIM + CFG, per-step log-probs).
+
+Both families go through the same code: SD1.x conditions the UNet on the text encoder's hidden states;
+SDXL also on "added conditioning" (the second text encoder's pooled embedding and the image's size and
+crop ids), carried by the Denoiser next to the hidden states.
+"""
 
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -11,7 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 from transformers.utils import logging as transformers_logging
 
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import load_checkpoint, model_family
 from utils.ddim import ddim_step_with_logprob
 
 
@@ -21,7 +26,11 @@ def load_pipeline(checkpoint_path, device, dtype, checkpoint_config=""):
     diffusers_logging.disable_progress_bar()  # a bar per component load; the stage draws its own bars
     transformers_logging.disable_progress_bar()
     pipeline = load_checkpoint(checkpoint_path, dtype, checkpoint_config)
-    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    # A checkpoint that ships another sampler's config (SDXL's Euler) lacks DDIM's keys, whose defaults
+    # (clip x0 to [-1, 1], no noise in the last step) are wrong for latents and make the last log-prob undefined.
+    missing = {k: v for k, v in {"clip_sample": False, "set_alpha_to_one": False}.items()
+               if k not in pipeline.scheduler.config}
+    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config, **missing)
     schedule_on(pipeline.scheduler, device)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
@@ -33,11 +42,19 @@ def schedule_on(scheduler, device):
     return scheduler
 
 
+def text_encoders(pipeline):
+    """The pipeline's text encoders (SDXL has two), e.g. to move them off the GPU once the prompt is encoded."""
+    encoders = (pipeline.text_encoder, getattr(pipeline, "text_encoder_2", None))
+    return [encoder for encoder in encoders if encoder is not None]
+
+
 @dataclass
 class Denoiser:
     """The UNet with everything a guided DDIM step needs besides the latents.
 
     The embeddings are the prompt's and the negative prompt's, (1, 77, dim) each, computed once per run.
+    SDXL's added conditioning, None for SD1.x: {"text_embeds": (1, pooled dim), "time_ids": (1, 6)} for
+    each of the two, passed to every UNet call as `added_cond_kwargs`.
     `autocast` is entered around every UNet call (utils/precision.py: mixed precision).
     """
     unet: torch.nn.Module
@@ -46,14 +63,38 @@ class Denoiser:
     negative_embeds: torch.Tensor
     guidance_scale: float
     eta: float
+    positive_added: dict = None
+    negative_added: dict = None
     autocast: Callable[[], ContextManager] = nullcontext
 
 
 @torch.no_grad()
 def encode_prompt(pipeline, prompt, negative_prompt, device):
-    """(positive, negative) text embeddings, each (1, 77, dim)."""
+    """(positive, negative) text embeddings of an SD1.x pipeline, each (1, 77, dim)."""
     return pipeline.encode_prompt(prompt, device, num_images_per_prompt=1, do_classifier_free_guidance=True,
                                   negative_prompt=negative_prompt)
+
+
+def sdxl_time_ids(height, width):
+    """(1, 6) SDXL size conditioning as StableDiffusionXLPipeline makes it by default: original size =
+    target size = (height, width), crop top-left (0, 0)."""
+    return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
+
+
+@torch.no_grad()
+def prompt_conditioning(pipeline, prompt, negative_prompt, height, width, device):
+    """Everything the Denoiser takes from the prompts, for either family: its keyword arguments
+    positive_embeds, negative_embeds (1, 77, dim) and, for SDXL, positive_added and negative_added."""
+    if model_family(pipeline) == "sd15":
+        positive, negative = encode_prompt(pipeline, prompt, negative_prompt, device)
+        return {"positive_embeds": positive, "negative_embeds": negative}
+    positive, negative, pooled, negative_pooled = pipeline.encode_prompt(
+        prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True,
+        negative_prompt=negative_prompt)
+    time_ids = sdxl_time_ids(height, width).to(device, positive.dtype)
+    return {"positive_embeds": positive, "negative_embeds": negative,
+            "positive_added": {"text_embeds": pooled, "time_ids": time_ids},
+            "negative_added": {"text_embeds": negative_pooled, "time_ids": time_ids}}
 
 
 def guided_noise_pred(denoiser, latents, timesteps):
@@ -64,9 +105,13 @@ def guided_noise_pred(denoiser, latents, timesteps):
     n = latents.shape[0]
     timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(n)
     embeds = torch.cat([denoiser.negative_embeds.expand(n, -1, -1), denoiser.positive_embeds.expand(n, -1, -1)])
+    added = None
+    if denoiser.positive_added is not None:  # SDXL: (2n, pooled dim) and (2n, 6), uncond half first as above
+        added = {key: torch.cat([denoiser.negative_added[key].expand(n, -1), denoiser.positive_added[key].expand(n, -1)])
+                 for key in denoiser.positive_added}
     with denoiser.autocast():
         noise_pred = denoiser.unet(torch.cat([latents, latents]).to(embeds.dtype), torch.cat([timesteps, timesteps]),
-                                   encoder_hidden_states=embeds, return_dict=False)[0]
+                                   encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False)[0]
     uncond, cond = noise_pred.float().chunk(2)
     return uncond + denoiser.guidance_scale * (cond - uncond)
 
@@ -100,7 +145,17 @@ def sample_with_logprob(denoiser, generators, height, width, num_inference_steps
 
 @torch.no_grad()
 def decode_latents(pipeline, latents):
-    """(batch, 4, h/8, w/8) final latents -> list of PIL images, decoded where the VAE is."""
+    """(batch, 4, h/8, w/8) final latents -> list of PIL images, decoded where the VAE is.
+
+    SDXL's VAE decodes in fp32 when its config asks for it (force_upcast: its fp16 decode overflows), as
+    StableDiffusionXLPipeline does; StableDiffusionPipeline ignores the flag, and so does this for SD1.x.
+    """
     vae = pipeline.vae
+    upcast = model_family(pipeline) == "sdxl" and vae.dtype == torch.float16 and vae.config.force_upcast
+    if upcast:
+        vae.to(dtype=torch.float32)
     latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
-    return pipeline.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pil")
+    images = vae.decode(latents, return_dict=False)[0]
+    if upcast:
+        vae.to(dtype=torch.float16)
+    return pipeline.image_processor.postprocess(images, output_type="pil")

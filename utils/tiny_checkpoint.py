@@ -1,9 +1,10 @@
-"""A tiny Stable-Diffusion-1.5-shaped checkpoint, built on disk with no download.
+"""Tiny Stable-Diffusion-1.5- and SDXL-shaped checkpoints, built on disk with no download.
 
-Same module names as SD1.5 (so LoRA keys are exactly those of a real SD1.5 LoRA), tiny widths.
-Tests use it, and so does demo.py, which runs the whole loop on it:
+Same module names as SD1.5 or SDXL (so LoRA keys are exactly those of a real LoRA of that family),
+tiny widths. Tests use them, and so does demo.py, which runs the whole loop on the SD1.5 one:
 
     python -m utils.tiny_checkpoint models/tiny_checkpoint
+    python -m utils.tiny_checkpoint --sdxl models/tiny_sdxl_checkpoint
 
 Random weights alone make a poor stand-in: a random UNet's noise predictions blow the latents up
 through DDIM (std ~16) and a random VAE decodes any latent to near-uniform grey, so there is nothing
@@ -29,10 +30,16 @@ import sys
 import tempfile
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 CROSS_ATTENTION_DIM = 32
+# SDXL: the UNet attends to both text encoders' hidden states side by side (768 + 1280 = 2048 in SDXL),
+# and its added embedding takes the second encoder's projected pooled output (1280) + 6 ids x 256.
+SDXL_TEXT_1_DIM, SDXL_TEXT_2_DIM, SDXL_POOLED_DIM, SDXL_TIME_EMBED_DIM = 16, 32, 24, 8
+SDXL_CROSS_ATTENTION_DIM = SDXL_TEXT_1_DIM + SDXL_TEXT_2_DIM
+SDXL_SCALING_FACTOR = 0.13025
 LATENT_CHANNELS = 4
 # eps = gain * x_t on the skip path, with a lower gain for smooth content than for pixel-level detail: the
 # Wiener-style guess for latents whose power is mostly at low frequencies, as real images' latents are.
@@ -45,6 +52,8 @@ VAE_CONTRAST = 0.3  # pixel value (-1..1) per unit of the latent -> RGB map; hig
 # ComfyUI's approximate SD1.5 latent -> RGB factors (its cheap previews): rows = latent channels, columns = R, G, B
 SD15_LATENT_RGB = [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350],
                    [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]]
+SDXL_LATENT_RGB = [[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068],  # ComfyUI's SDXL factors
+                   [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]]
 BLUR = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
 CENTRE = torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
 
@@ -53,6 +62,16 @@ def sd15_scheduler():
     """DDIM with SD1.5's noise schedule."""
     return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def sdxl_scheduler():
+    """The scheduler SDXL base ships, its scheduler_config.json as is: Euler with SD1.5's betas, "leading"
+    spacing, and DDIM's set_alpha_to_one and clip_sample (both false), which load_pipeline's DDIM reads."""
+    return EulerDiscreteScheduler.from_config({
+        "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
+        "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+        "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+        "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False})
 
 
 def _pairs(matrix, kernel):
@@ -106,15 +125,42 @@ def tiny_unet():
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         cross_attention_dim=CROSS_ATTENTION_DIM, attention_head_dim=2,
     )
+    return _wire_skip_path(unet)
+
+
+@torch.no_grad()
+def tiny_sdxl_unet():
+    """SDXL's block layout and transformer depth per block (1, 2, 10), so exactly its 560 attention
+    projections; its added conditioning: pooled text embedding + 6 size/crop ids, each id embedded in
+    SDXL_TIME_EMBED_DIM."""
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, layers_per_block=2,
+        block_out_channels=(8, 16, 32), norm_num_groups=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(2, 4, 8), use_linear_projection=True,
+        cross_attention_dim=SDXL_CROSS_ATTENTION_DIM, addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=SDXL_POOLED_DIM + 6 * SDXL_TIME_EMBED_DIM,
+    )
+    return _wire_skip_path(unet)
+
+
+def _wire_skip_path(unet):
+    """The skip path (see the module docstring) through conv_in, the last resnet's shortcut and conv_out."""
     identity = torch.eye(LATENT_CHANNELS)
     _set_weight(unet.conv_in, _pairs(identity, CENTRE))
-    # The last resnet sees [deep features (8), conv_in's output (8)]: keep conv_in's pairs, shrink the rest.
-    last_resnet, last_attention = unet.up_blocks[-1].resnets[-1], unet.up_blocks[-1].attentions[-1]
+    # The last resnet sees [deep features, conv_in's output (8)]: keep conv_in's pairs, shrink the rest.
+    last_block = unet.up_blocks[-1]
+    last_resnet = last_block.resnets[-1]
     deep = last_resnet.conv_shortcut.weight.shape[1] - 2 * LATENT_CHANNELS
     last_resnet.conv_shortcut.weight[:, :deep] *= UNET_PAIR_SCALE * RANDOM_BLOCKS_SHARE
     last_resnet.conv_shortcut.weight[:, deep:] = UNET_PAIR_SCALE * torch.eye(2 * LATENT_CHANNELS)[:, :, None, None]
     last_resnet.conv_shortcut.bias.zero_()
-    for layer in (last_resnet.conv2, last_attention.proj_out):
+    last_layers = [last_resnet.conv2]
+    if getattr(last_block, "attentions", None):  # SD1.5's last up block ends in an attention, SDXL's in the resnet
+        last_layers.append(last_block.attentions[-1].proj_out)
+    for layer in last_layers:
         layer.weight *= UNET_PAIR_SCALE * RANDOM_BLOCKS_SHARE
         layer.bias *= UNET_PAIR_SCALE * RANDOM_BLOCKS_SHARE
     _plain_norm(unet.conv_norm_out)
@@ -124,13 +170,14 @@ def tiny_unet():
 
 
 @torch.no_grad()
-def tiny_vae():
+def tiny_vae(latent_rgb=SD15_LATENT_RGB, **config):
+    """`config`: SDXL's VAE differs in scaling_factor (0.13025) and force_upcast (its fp16 decode overflows)."""
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS, norm_num_groups=4,
         block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, sample_size=64,
+        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, sample_size=64, **config,
     )
-    to_rgb = VAE_CONTRAST * torch.tensor(SD15_LATENT_RGB)  # (4, 3): pixels = to_rgb.T @ latent
+    to_rgb = VAE_CONTRAST * torch.tensor(latent_rgb)  # (4, 3): pixels = to_rgb.T @ latent
     from_rgb = torch.linalg.pinv(to_rgb.T)  # (4, 3): the latent of least norm that decodes to the pixels
     pair_identity = torch.eye(2 * LATENT_CHANNELS)[:, :, None, None]
 
@@ -161,11 +208,19 @@ def tiny_vae():
     return vae
 
 
-def tiny_text_encoder(vocab_size):
-    return CLIPTextModel(CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=CROSS_ATTENTION_DIM, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    ))
+def _text_config(vocab_size, hidden_size, **extra):
+    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=37, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                          pad_token_id=1, **extra)
+
+
+def tiny_text_encoder(vocab_size, hidden_size=CROSS_ATTENTION_DIM):
+    return CLIPTextModel(_text_config(vocab_size, hidden_size))
+
+
+def tiny_text_encoder_with_projection(vocab_size):
+    """SDXL's second text encoder: its projected pooled output is the UNet's `text_embeds`."""
+    return CLIPTextModelWithProjection(_text_config(vocab_size, SDXL_TEXT_2_DIM, projection_dim=SDXL_POOLED_DIM))
 
 
 def tiny_tokenizer(folder):
@@ -200,7 +255,31 @@ def build_tiny_checkpoint(folder):
     return folder
 
 
+def build_tiny_sdxl_checkpoint(folder):
+    """Write a complete diffusers SDXL-layout checkpoint to `folder` and return it: two text encoders (the
+    second with projection) and two tokenizers, SDXL's UNet layout and added conditioning, SDXL's VAE
+    scaling, SDXL base's scheduler config."""
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = tiny_tokenizer(scratch)
+    torch.manual_seed(0)
+    unet = tiny_sdxl_unet()
+    torch.manual_seed(0)
+    vae = tiny_vae(SDXL_LATENT_RGB, scaling_factor=SDXL_SCALING_FACTOR, force_upcast=True)
+    torch.manual_seed(0)
+    text_encoder = tiny_text_encoder(len(tokenizer), SDXL_TEXT_1_DIM)
+    torch.manual_seed(0)
+    text_encoder_2 = tiny_text_encoder_with_projection(len(tokenizer))
+    pipeline = StableDiffusionXLPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer, scheduler=sdxl_scheduler(), add_watermarker=False,
+    )
+    pipeline.save_pretrained(folder)
+    return folder
+
+
 if __name__ == "__main__":
-    target = sys.argv[1] if len(sys.argv) > 1 else "models/tiny_checkpoint"
-    build_tiny_checkpoint(target)
-    print(f"tiny SD1.5-shaped checkpoint written to {target}/")
+    arguments = sys.argv[1:]
+    sdxl = "--sdxl" in arguments
+    target = next((a for a in arguments if a != "--sdxl"), "models/tiny_sdxl_checkpoint" if sdxl else "models/tiny_checkpoint")
+    (build_tiny_sdxl_checkpoint if sdxl else build_tiny_checkpoint)(target)
+    print(f"tiny {'SDXL' if sdxl else 'SD1.5'}-shaped checkpoint written to {target}/")
