@@ -71,7 +71,7 @@ def tiny_denoiser(guidance_scale, eta, dtype=torch.float32, autocast=nullcontext
                 parameter.normal_(std=0.1)
     positive, negative = (torch.randn(1, 77, CROSS_ATTENTION_DIM, generator=torch.Generator().manual_seed(i)).to(dtype)
                           for i in (1, 2))
-    return Denoiser(unet, sd15_scheduler(), positive, negative, guidance_scale, eta, autocast)
+    return Denoiser(unet, sd15_scheduler(), positive, negative, guidance_scale, eta, autocast=autocast)
 
 
 def run_script(name, *args, cwd, checkpoint=None, timeout=300, env=None):

@@ -123,7 +123,7 @@ def test_ratings_naming_files_outside_the_round_are_skipped(rated, tmp_path, cap
     scores = json.loads((samples / "scores.json").read_text())
     scores.update({"../outside/9.png": 5, str(outside / "9.png"): 5, "latents/1.png": 5, "7.png": 5, "..": 5})
     (samples / "scores.json").write_text(json.dumps(scores))
-    latents, values = train_reward.load_pairs(settings, "cpu")
+    latents, values, _ = train_reward.load_pairs(settings, "cpu")
     assert len(values) == len(SEEDS) and not (values == 5).any()
     out = capsys.readouterr().out
     assert "skipped 4 entries" in out and "name no file of its round" in out

@@ -151,7 +151,7 @@ def test_train_policy_on_sdxl_resumes_at_the_next_epoch(policy, workspace):
     folder, run = workspace
     before = snapshot(outputs)
     result = run("train_policy", "--train_policy_num_epochs=3", *POLICY, "--train_policy_learning_rate=0")
-    assert f"resuming from {outputs / 'diffusers_lora_epoch_2.safetensors'}: epoch 3 of 3" in result.stdout
+    assert f"resuming after epoch 2 from {outputs / 'resume_state.pt'}" in result.stdout
     assert "epoch 2: reward" not in result.stdout
     after = snapshot(outputs)
     assert all(after[name] == state for name, state in before.items() if "epoch_" in name)
@@ -169,7 +169,8 @@ def test_a_reward_model_of_one_family_is_refused_for_the_other(reward_model, tin
     assert not os.path.exists(paths["lora_path"]) or not os.listdir(paths["lora_path"])
     # --rank_folder on an SD1.5 round's saved latents: the same sentence, not a score
     sd15_round = tmp_path / "sd15_round"
-    assert_ok(run_script("generate", "--generate_sample_size=2", f"--sample_path={sd15_round}", cwd=tmp_path,
+    assert_ok(run_script("generate", "--generate_sample_size=2", f"--sample_path={sd15_round}",
+                         f"--score_path={sd15_round / 'scores.json'}", cwd=tmp_path,
                          checkpoint=tiny_checkpoint))
     result = run_script("train_reward", f"--rank_folder={sd15_round}", cwd=tmp_path, checkpoint=tiny_checkpoint)
     assert_refused(result, "learned SDXL latents", str(sd15_round), "SD1.x")
