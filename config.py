@@ -12,6 +12,7 @@ import torch
 # ---------------------------------------------------------------- paths
 sample_path = "samples/"  # the current round: <seed>.png, latents/, scores.json; history/ holds earlier rounds
 score_path = "samples/scores.json"  # {"<seed>.png": score in -5..+5}, the seed WebApp's format
+comparison_path = "samples/comparisons.json"  # [{"a": "<seed>.png", "b": "<seed>.png", "winner": "a"|"b"|"tie"}]
 model_path = "models/"  # reward model and its metrics are written here
 checkpoint_path = "models/checkpoint"  # diffusers-format SD1.5 folder (model_index.json, unet/, vae/, ...)
 reward_model_path = "models/reward_model.safetensors"  # latent CNN weights (+ .json with its metadata)
@@ -48,6 +49,8 @@ train_reward_test_split_ratio = 0.1  # share of the ratings held out to measure 
 train_reward_learning_rate = 1e-3  # AdamW
 train_reward_use_history = True  # also learn from rated rounds in samples/history/
 train_reward_flip_augment = True  # random horizontal flips of training latents (a mirrored image is rated the same)
+train_reward_loss = "mse"  # on scores: "mse" (the seed's) or "ranking" (pairwise logistic: order as the scores do)
+train_reward_ensemble_size = 1  # CNNs trained from different starts; >1: score = their mean, and their disagreement orders the rating page
 train_reward_min_correlation = 0.3  # below this test-set Pearson correlation, warn that the model is not worth a policy
 rank_folder = ""  # a folder of images: train_reward.py ranks it with the trained model (best first) instead of training
 

@@ -26,7 +26,7 @@ from utils.lora import latest_lora
 from utils.samples import ROUND_FILE, archive_round, latent_file, round_images, save_latent, webui_parameters
 from utils.sampling import decode_latents, load_pipeline
 
-USED_SETTINGS = ["checkpoint_path", "sample_path", "score_path", "lora_path", "generate_lora", "device",
+USED_SETTINGS = ["checkpoint_path", "sample_path", "score_path", "comparison_path", "lora_path", "generate_lora", "device",
                  "generate_sample_size", "generate_batch_size", "generate_vae_slicing", "generate_vae_tiling",
                  "prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "eta"]
 
@@ -59,7 +59,8 @@ def plan_round(settings, parameters):
     if os.path.isfile(round_path):
         with open(round_path) as f:
             current = json.load(f)
-    resumable = current and current["parameters"] == parameters and not os.path.exists(settings.score_path)
+    rated = any(os.path.exists(path) for path in (settings.score_path, settings.comparison_path))
+    resumable = current and current["parameters"] == parameters and not rated
     if not resumable:
         moved = archive_round(folder)
         if moved:

@@ -26,16 +26,19 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from utils.cli import UserError, run_stage
-from utils.files import scores_format_problem, write_json_atomic
-from utils.metrics import append_jsonl, contact_sheet, pairwise_accuracy, pearson, plot_curves, read_jsonl, spearman
-from utils.reward_model import LatentRewardModel, load_reward_model, reward_model_metadata, save_reward_model
+from utils.files import comparisons_format_problem, scores_format_problem, write_json_atomic
+from utils.metrics import append_jsonl, contact_sheet, plot_curves, read_jsonl
+from utils.rating_order import order_round
+from utils.reward_model import load_reward_model, reward_model_metadata, save_reward_model
+from utils.reward_training import OUTCOMES, Ratings, fit_reward_model, split_ratings
 from utils.samples import history_rounds, latent_file, load_latent
 from utils.sampling import load_pipeline
 
-USED_SETTINGS = ["sample_path", "score_path", "model_path", "reward_model_path", "checkpoint_path", "device",
+USED_SETTINGS = ["sample_path", "score_path", "comparison_path", "model_path", "reward_model_path", "checkpoint_path", "device",
                  "train_reward_num_epochs", "train_reward_batch_size", "train_reward_test_split_ratio",
                  "train_reward_learning_rate", "train_reward_use_history", "train_reward_flip_augment",
-                 "train_reward_min_correlation", "seed", "rank_folder"]
+                 "train_reward_min_correlation", "train_reward_loss", "train_reward_ensemble_size", "seed",
+                 "rank_folder"]
 MIN_TEST_RATINGS = 10  # fewer held-out ratings than this make the test metrics noise
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 SHEET_IMAGES = 48  # the contact sheet shows all images up to this many, else the best and worst halves
@@ -56,23 +59,41 @@ def read_scores(path):
     return scores
 
 
+def read_comparisons(path):
+    """[{"a", "b", "winner"}] from a comparisons.json, [] if there is none; a malformed entry is an error that names it."""
+    if not os.path.isfile(path):
+        return []
+    try:
+        with open(path) as f:
+            comparisons = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path} is not valid JSON ({error}); fix it or compare again with `python score.py`.") from None
+    problem = comparisons_format_problem(comparisons)
+    if problem:
+        raise UserError(f"{path} is {problem}; fix it or compare again with `python score.py`.")
+    return comparisons
+
+
 def rated_rounds(settings):
-    """(folder, scores.json path) of every round to learn from: the current one, then history/."""
-    rounds = [(settings.sample_path, settings.score_path)]
+    """(folder, scores.json, comparisons.json) of every round to learn from: the current one, then history/."""
+    rounds = [(settings.sample_path, settings.score_path, settings.comparison_path)]
     if settings.train_reward_use_history:
-        rounds += [(folder, os.path.join(folder, "scores.json")) for folder in history_rounds(settings.sample_path)
-                   if os.path.isfile(os.path.join(folder, "scores.json"))]
+        rounds += [(folder, os.path.join(folder, "scores.json"), os.path.join(folder, "comparisons.json"))
+                   for folder in history_rounds(settings.sample_path)
+                   if any(os.path.isfile(os.path.join(folder, f)) for f in ("scores.json", "comparisons.json"))]
     return rounds
 
 
-def load_pairs(settings, device):
-    """(latents (n, 4, h/8, w/8), scores (n,)) of every rated image found; missing images are counted."""
-    latents, scores, missing, unencoded = [], [], 0, []
-    rounds = rated_rounds(settings)
-    if len(rounds) > 1 and not os.path.isfile(settings.score_path):
-        rounds = rounds[1:]  # the current round is not rated yet; learn from the rated history
-    for folder, score_file in rounds:
-        for name, score in read_scores(score_file).items():
+def load_ratings(settings, device):
+    """Ratings (utils/reward_training.py) of every scored or compared image found; missing images are counted."""
+    latents, index, unencoded, missing = [], {}, [], 0
+    scored, scores, pairs, outcomes = [], [], [], []
+
+    def latent_index(folder, name):
+        """Where the image's latent is in `latents` (None if the image is gone); each image is loaded once."""
+        nonlocal missing
+        key = (folder, name)
+        if key not in index:
             image_path, saved = os.path.join(folder, name), latent_file(folder, name)
             if os.path.isfile(saved):
                 latents.append(load_latent(saved))
@@ -81,8 +102,25 @@ def load_pairs(settings, device):
                 latents.append(None)
             else:
                 missing += 1
-                continue
-            scores.append(float(score))
+                return None
+            index[key] = len(latents) - 1
+        return index[key]
+
+    rounds = rated_rounds(settings)
+    if len(rounds) > 1 and not any(os.path.isfile(p) for p in (settings.score_path, settings.comparison_path)):
+        rounds = rounds[1:]  # the current round is not rated yet; learn from the rated history
+    for folder, score_file, comparison_file in rounds:
+        only_compared = os.path.isfile(comparison_file) and not os.path.isfile(score_file)
+        for name, score in ({} if only_compared else read_scores(score_file)).items():
+            i = latent_index(folder, name)
+            if i is not None:
+                scored.append(i)
+                scores.append(float(score))
+        for comparison in read_comparisons(comparison_file):
+            a, b = latent_index(folder, comparison["a"]), latent_index(folder, comparison["b"])
+            if a is not None and b is not None:
+                pairs.append((a, b))
+                outcomes.append(OUTCOMES[comparison["winner"]])
     if missing:
         print(f"skipped {missing} rated entries whose image is not in their round's folder")
     if unencoded:
@@ -91,10 +129,18 @@ def load_pairs(settings, device):
         raise UserError(f"no rated images found in {settings.score_path} (or history): rate some with `python score.py`.")
     shapes = [tuple(x.shape) for x in latents]
     common = max(set(shapes), key=shapes.count)
-    keep = [i for i, s in enumerate(shapes) if s == common]
-    if len(keep) < len(latents):
-        print(f"skipped {len(latents) - len(keep)} ratings of images of another size than the majority's {common}")
-    return torch.stack([latents[i] for i in keep]), torch.tensor([scores[i] for i in keep])
+    new_index = {i: n for n, i in enumerate(i for i, s in enumerate(shapes) if s == common)}
+    kept_scores = [(new_index[i], s) for i, s in zip(scored, scores) if i in new_index]
+    kept_pairs = [((new_index[a], new_index[b]), o) for (a, b), o in zip(pairs, outcomes)
+                  if a in new_index and b in new_index]
+    if len(kept_scores) + len(kept_pairs) < len(scores) + len(pairs):
+        print(f"skipped {len(scores) + len(pairs) - len(kept_scores) - len(kept_pairs)} ratings of images of another "
+              f"size than the majority's {common}")
+    return Ratings(torch.stack([latents[i] for i in new_index]),
+                   torch.tensor([i for i, _ in kept_scores], dtype=torch.long),
+                   torch.tensor([s for _, s in kept_scores], dtype=torch.float32),
+                   torch.tensor([p for p, _ in kept_pairs], dtype=torch.long).reshape(-1, 2),
+                   torch.tensor([o for _, o in kept_pairs], dtype=torch.float32))
 
 
 @torch.no_grad()
@@ -110,25 +156,6 @@ def encode_images(settings, unencoded, latents, device, size=None):
         pixels = pipeline.image_processor.preprocess(Image.open(path).convert("RGB"), height, width).to(device)
         latent = pipeline.vae.encode(pixels).latent_dist.mean * pipeline.vae.config.scaling_factor
         latents[index] = latent[0].cpu()  # (4, h/8, w/8)
-
-
-def split(n, ratio):
-    """Indices (train, test), shuffled with a fixed seed so every run holds out the same ratings."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-    n_test = math.ceil(n * ratio) if ratio > 0 and n > 1 else 0
-    return order[n_test:], order[:n_test]
-
-
-@torch.no_grad()
-def evaluate(model, latents, scores, batch_size):
-    if len(scores) == 0:
-        return {}
-    model.eval()
-    predicted = torch.cat([model(latents[i:i + batch_size]) for i in range(0, len(latents), batch_size)])
-    model.train()
-    return {"test_loss": torch.nn.functional.mse_loss(predicted, scores).item(),
-            "test_pearson": pearson(predicted, scores), "test_spearman": spearman(predicted, scores),
-            "test_pairwise_accuracy": pairwise_accuracy(predicted, scores)}
 
 
 @torch.no_grad()
@@ -174,59 +201,48 @@ def main(settings):
     if settings.rank_folder:
         return rank_folder(settings, device)
     torch.manual_seed(settings.seed)
-    latents, scores = load_pairs(settings, device)  # (n, 4, h/8, w/8), (n,)
-    train_idx, test_idx = split(len(scores), settings.train_reward_test_split_ratio)
-    train_x, train_y = latents[train_idx].to(device), scores[train_idx].to(device)
-    test_x, test_y = latents[test_idx].to(device), scores[test_idx].to(device)
-    print(f"{len(scores)} ratings (mean {scores.mean():.2f}, variance {scores.var(unbiased=False):.2f}): "
-          f"{len(train_idx)} to train on, {len(test_idx)} held out to test; latents {tuple(latents.shape[1:])}")
-    if len(test_idx) < MIN_TEST_RATINGS:
-        print(f"warning: only {len(test_idx)} ratings held out for testing; the test metrics below are unreliable. "
+    ratings = load_ratings(settings, device)
+    train, test = (part.to(device) for part in split_ratings(ratings, settings.train_reward_test_split_ratio))
+    scores = ratings.scores
+    print(f"{len(scores)} scores (mean {scores.mean():.2f}, variance {scores.var(unbiased=False):.2f}) and "
+          f"{len(ratings.pairs)} comparisons: {len(train)} to train on, {len(test)} held out to test; "
+          f"latents {tuple(ratings.latents.shape[1:])}; loss {settings.train_reward_loss}"
+          + (" + Bradley-Terry" if len(ratings.pairs) else "")
+          + (f", an ensemble of {settings.train_reward_ensemble_size}" if settings.train_reward_ensemble_size > 1 else ""))
+    if len(test) < MIN_TEST_RATINGS:
+        print(f"warning: only {len(test)} ratings held out for testing; the test metrics below are unreliable. "
               "Rate more images (or raise train_reward_test_split_ratio).")
-
-    model = LatentRewardModel().to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.train_reward_learning_rate)
     os.makedirs(settings.model_path, exist_ok=True)
     metrics_path = os.path.join(settings.model_path, "reward_metrics.jsonl")
     run_started = time.strftime("%Y-%m-%d %H:%M:%S")
-    best, best_state = None, None
+
+    def log_epoch(record):
+        append_jsonl(metrics_path, {"run": run_started, **record})
+        print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
 
     # ---------------------------------------------------------------- TRAINING
-    for epoch in range(1, settings.train_reward_num_epochs + 1):
-        order = torch.randperm(len(train_y), device=device)
-        epoch_loss = 0.0
-        for start in range(0, len(order), settings.train_reward_batch_size):
-            batch = order[start:start + settings.train_reward_batch_size]
-            x = train_x[batch]  # (b, 4, h/8, w/8)
-            if settings.train_reward_flip_augment:
-                flip = torch.rand(len(batch), device=device) < 0.5
-                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            loss = torch.nn.functional.mse_loss(model(x), train_y[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            epoch_loss += loss.item() * len(batch)
-        record = {"run": run_started, "epoch": epoch, "train_loss": epoch_loss / len(train_y),
-                  **evaluate(model, test_x, test_y, settings.train_reward_batch_size)}
-        append_jsonl(metrics_path, record)
-        print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "run"))
-        selection_loss = record.get("test_loss", record["train_loss"])
-        if best is None or selection_loss <= best["selection_loss"]:
-            best = {"selection_loss": selection_loss, **record}
-            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+    model, best = fit_reward_model(settings, train, test, on_epoch=log_epoch)
 
     # ---------------------------------------------------------------- SAVE the best epoch
-    model.load_state_dict(best_state)
     save_reward_model(model, settings.reward_model_path, {
         "epoch": best["epoch"], "test_loss": best.get("test_loss"), "test_pearson": best.get("test_pearson"),
-        "latent_shape": list(latents.shape[1:]), "num_ratings": len(scores),
-        "score_mean": scores.mean().item(), "score_std": scores.std().item() if len(scores) > 1 else 0.0})
+        "test_spearman": best.get("test_spearman"), "test_comparison_accuracy": best.get("test_comparison_accuracy"),
+        "latent_shape": list(ratings.latents.shape[1:]), "num_ratings": len(scores),
+        "num_comparisons": len(ratings.pairs), "loss": settings.train_reward_loss,
+        "ensemble_size": settings.train_reward_ensemble_size,
+        "score_mean": scores.mean().item() if len(scores) else 0.0,
+        "score_std": scores.std().item() if len(scores) > 1 else 0.0})
     plot_path = os.path.join(settings.model_path, "reward_metrics.png")
     plot_curves(plot_path, [r for r in read_jsonl(metrics_path) if r["run"] == run_started], "epoch",
-                [("MSE loss", ["train_loss", "test_loss"]),
-                 ("test set", ["test_pearson", "test_spearman", "test_pairwise_accuracy"])],
-                f"reward model, {len(scores)} ratings; saved epoch {best['epoch']} (best test loss)")
+                [(f"loss ({settings.train_reward_loss}" + (" + Bradley-Terry)" if len(ratings.pairs) else ")"),
+                  ["train_loss", "test_loss"]),
+                 ("test set", ["test_pearson", "test_spearman", "test_pairwise_accuracy", "test_comparison_accuracy"])],
+                f"reward model, {len(scores)} scores, {len(ratings.pairs)} comparisons; "
+                f"saved epoch {best['epoch']} (best test loss)")
     print(f"saved epoch {best['epoch']} (best test loss) to {settings.reward_model_path}; curves in {plot_path}")
+    order = order_round(settings.sample_path, model, settings.reward_model_path, device)
+    if order:
+        print(order)
     correlation = best.get("test_pearson")
     if correlation is not None and correlation < settings.train_reward_min_correlation:
         print(f"warning: the reward model's test correlation is only {correlation:.2f} "

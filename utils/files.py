@@ -49,3 +49,18 @@ def scores_format_problem(scores):
         if isinstance(score, bool) or not isinstance(score, int) or not MIN_SCORE <= score <= MAX_SCORE:
             return f"not in the expected format (the score of {name!r} is {score!r}, not a whole number from -5 to 5)"
     return None
+
+
+WINNERS = ("a", "b", "tie")  # a comparison's answer: a is better, b is better, about the same
+
+
+def comparisons_format_problem(comparisons):
+    """Why `comparisons` is not [{"a": "<file>.png", "b": "<file>.png", "winner": "a"|"b"|"tie"}, ...], or None."""
+    if not isinstance(comparisons, list):
+        return f'not a list [{{"a": "<seed>.png", "b": "<seed>.png", "winner": "a"}}, ...] but a {type(comparisons).__name__}'
+    for number, entry in enumerate(comparisons, 1):
+        if not (isinstance(entry, dict) and set(entry) == {"a", "b", "winner"} and isinstance(entry["a"], str)
+                and isinstance(entry["b"], str) and entry["a"] != entry["b"] and entry["winner"] in WINNERS):
+            return (f'not in the expected format (entry {number}, {entry!r}, is not {{"a": "<file>", "b": "<another '
+                    f'file>", "winner": "a", "b" or "tie"}})')
+    return None
