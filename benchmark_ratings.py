@@ -46,9 +46,9 @@ from utils.scripted_rater import TASTES, NoisyRater, calibration_of, taste_value
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(ROOT, "bench", "rating_cache")
 POOL, HELD_OUT = 1000, 400  # images to rate, images to measure on (never rated)
-SIZES = [50, 100, 200, 300, 400]
-BASELINE_SIZES = [800, 1000]  # the baseline also up to the seed's 1000 ratings per round: the target to reach
-TARGET_SIZE = 300  # the issue's target: at most this many ratings reach the baseline's Spearman at 1000
+SIZES = [50, 100, 200, 300]
+BASELINE_SIZES = [1000]  # the baseline also at the seed's 1000 ratings per round: the target to reach
+TARGET_SIZE = 300  # the target: at most this many ratings reach the baseline's Spearman at its most ratings
 FIRST_ACTIVE = 50  # active methods start from this many random ratings
 
 SEED_SETTINGS = {}  # train_reward as the seed has it: config.py's defaults
@@ -165,21 +165,21 @@ def summarise(runs):
     return summary
 
 
-def targets(results):
-    """Per taste: the baseline's Spearman at 1000 ratings, and each method's fewest ratings that reach it."""
+def targets(results, goal_size):
+    """Per taste: the baseline's Spearman at `goal_size` ratings, and each method's fewest ratings that reach it."""
     table = {}
     for taste, methods in results.items():
-        goal = methods.get("baseline", {}).get(str(max(BASELINE_SIZES)), {}).get("spearman")
+        goal = methods.get("baseline", {}).get(str(goal_size), {}).get("spearman")
         if goal is None:
             continue
         reached = {method: min((int(s) for s, v in by_size.items() if v["spearman"] >= goal), default=None)
                    for method, by_size in methods.items()}
-        table[taste] = {"baseline_spearman_at_1000": goal, "fewest_ratings_to_reach_it": reached,
+        table[taste] = {"baseline_ratings": goal_size, "baseline_spearman": goal, "fewest_ratings_to_reach_it": reached,
                         f"met_with_at_most_{TARGET_SIZE}": {m: r is not None and r <= TARGET_SIZE for m, r in reached.items()}}
     return table
 
 
-def plot(path, results):
+def plot(path, results, goal_size):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -187,7 +187,7 @@ def plot(path, results):
     tastes = list(results)
     figure, axes = plt.subplots(2, len(tastes), figsize=(4 * len(tastes), 7), squeeze=False)
     for column, taste in enumerate(tastes):
-        goal = results[taste].get("baseline", {}).get(str(max(BASELINE_SIZES)), {}).get("spearman")
+        goal = results[taste].get("baseline", {}).get(str(goal_size), {}).get("spearman")
         for row, metric in enumerate(("spearman", "pairwise_accuracy")):
             axis = axes[row][column]
             for method, by_size in results[taste].items():
@@ -198,7 +198,7 @@ def plot(path, results):
                 line = axis.plot(x, y, marker="o", markersize=3, label=method)[0]
                 axis.fill_between(x, y - band, y + band, color=line.get_color(), alpha=0.15)
             if goal is not None and metric == "spearman":
-                axis.axhline(goal, color="black", linestyle="--", linewidth=1, label="baseline at 1000")
+                axis.axhline(goal, color="black", linestyle="--", linewidth=1, label=f"baseline at {goal_size}")
                 axis.axvline(TARGET_SIZE, color="grey", linestyle=":", linewidth=1)
             axis.set_xscale("log")
             axis.set_title(f"{taste}: {metric.replace('_', ' ')}")
@@ -215,15 +215,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tastes", default=",".join(TASTES))
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
-    parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="numbers of ratings (the baseline adds 1000)")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="numbers of ratings")
+    parser.add_argument("--baseline_sizes", default=",".join(map(str, BASELINE_SIZES)),
+                        help="more numbers of ratings for the baseline only; the largest is the target to reach")
+    parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "ratings.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)  # the CNN is small; threads only fight over a shared machine's cores
     sizes = sorted(int(s) for s in args.sizes.split(","))
+    baseline_sizes = sorted(int(s) for s in args.baseline_sizes.split(","))
     tastes, methods = args.tastes.split(","), args.methods.split(",")
     unknown = [t for t in tastes if t not in TASTES] + [m for m in methods if m not in METHODS]
-    if unknown or max(sizes) > POOL:
+    if unknown or max(sizes + baseline_sizes) > POOL:
         parser.error(f"unknown {unknown}; tastes are {list(TASTES)}, methods {list(METHODS)}; sizes at most {POOL}")
 
     started = time.perf_counter()
@@ -234,7 +237,7 @@ def main():
         results[taste] = {}
         for method in methods:
             method_started = time.perf_counter()
-            method_sizes = sorted(set(sizes + BASELINE_SIZES)) if method == "baseline" else sizes
+            method_sizes = sorted(set(sizes + baseline_sizes)) if method == "baseline" else sizes
             runs = [run(method, latents[pool], values[taste][pool], latents[held_out], values[taste][held_out],
                         method_sizes, seed) for seed in range(args.seeds)]
             results[taste][method] = {str(k): v for k, v in summarise(runs).items()}
@@ -243,14 +246,15 @@ def main():
             print(f"{taste:>10} {method:>12} ({seconds[f'{taste}/{method}']:.0f} s)  Spearman  {line}", flush=True)
 
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    goal_size = max(baseline_sizes)
     report = {"pool": POOL, "held_out": HELD_OUT, "seeds": args.seeds, "methods": {m: METHODS[m] for m in methods},
-              "results": results, "targets": targets(results), "seconds": seconds,
+              "results": results, "targets": targets(results, goal_size), "seconds": seconds,
               "total_seconds": time.perf_counter() - started}
     write_json_atomic(args.out, report)
     plot_path = os.path.splitext(args.out)[0] + ".png"
-    plot(plot_path, results)
+    plot(plot_path, results, goal_size)
     for taste, row in report["targets"].items():
-        print(f"{taste:>10}: baseline Spearman at 1000 = {row['baseline_spearman_at_1000']:.3f}; fewest ratings to "
+        print(f"{taste:>10}: baseline Spearman at {goal_size} = {row['baseline_spearman']:.3f}; fewest ratings to "
               f"reach it: " + ", ".join(f"{m} {r}" for m, r in row["fewest_ratings_to_reach_it"].items()))
     print(f"wrote {args.out} and {plot_path} in {report['total_seconds'] / 60:.1f} minutes")
 

@@ -2,12 +2,18 @@
 
     python train_reward.py [--name=value ...]
 
-Reads   samples/scores.json ({"<seed>.png": -5..5}) and the rated rounds in samples/history/*/, each
-        image's saved latent samples/latents/<seed>.safetensors (the PNG is VAE-encoded only when
+Reads   samples/scores.json ({"<seed>.png": -5..5}), samples/comparisons.json ([{"a", "b", "winner"}],
+        the rating page's pairwise mode) and the same files of the rated rounds in samples/history/*/,
+        each image's saved latent samples/latents/<seed>.safetensors (the PNG is VAE-encoded only when
         no latent was saved, e.g. for images made elsewhere).
-Writes  models/reward_model.safetensors (the epoch with the best test loss; metadata in its header),
-        models/reward_metrics.jsonl (loss, Pearson, Spearman, pairwise accuracy per epoch) and
-        models/reward_metrics.png (their curves).
+Writes  models/reward_model.safetensors (the epoch with the best test loss; metadata in its header; an
+        ensemble of CNNs with train_reward_ensemble_size > 1), models/reward_metrics.jsonl (loss,
+        Pearson, Spearman, pairwise and comparison accuracy per epoch), models/reward_metrics.png
+        (their curves) and samples/rating_order.json (the ensemble's prediction and doubt for each image
+        of the current round, which the rating page orders by; utils/rating_order.py).
+
+The training itself (losses, split, loop, best epoch) is utils/reward_training.py, which
+benchmark_ratings.py runs too.
 
     python train_reward.py --rank_folder=path/to/images
 
@@ -17,7 +23,6 @@ against your own taste: prints the ranking and writes models/ranking.json and mo
 """
 
 import json
-import math
 import os
 import time
 
@@ -34,7 +39,8 @@ from utils.reward_training import OUTCOMES, Ratings, fit_reward_model, split_rat
 from utils.samples import history_rounds, latent_file, load_latent
 from utils.sampling import load_pipeline
 
-USED_SETTINGS = ["sample_path", "score_path", "comparison_path", "model_path", "reward_model_path", "checkpoint_path", "device",
+USED_SETTINGS = ["sample_path", "score_path", "comparison_path", "model_path", "reward_model_path", "checkpoint_path",
+                 "device",
                  "train_reward_num_epochs", "train_reward_batch_size", "train_reward_test_split_ratio",
                  "train_reward_learning_rate", "train_reward_use_history", "train_reward_flip_augment",
                  "train_reward_min_correlation", "train_reward_loss", "train_reward_ensemble_size", "seed",
@@ -204,11 +210,12 @@ def main(settings):
     ratings = load_ratings(settings, device)
     train, test = (part.to(device) for part in split_ratings(ratings, settings.train_reward_test_split_ratio))
     scores = ratings.scores
-    print(f"{len(scores)} scores (mean {scores.mean():.2f}, variance {scores.var(unbiased=False):.2f}) and "
-          f"{len(ratings.pairs)} comparisons: {len(train)} to train on, {len(test)} held out to test; "
+    spread = f" (mean {scores.mean():.2f}, variance {scores.var(unbiased=False):.2f})" if len(scores) else ""
+    compared = f" and {len(ratings.pairs)} comparisons" if len(ratings.pairs) else ""
+    ensemble = f", an ensemble of {settings.train_reward_ensemble_size}" if settings.train_reward_ensemble_size > 1 else ""
+    print(f"{len(scores)} ratings{spread}{compared}: {len(train)} to train on, {len(test)} held out to test; "
           f"latents {tuple(ratings.latents.shape[1:])}; loss {settings.train_reward_loss}"
-          + (" + Bradley-Terry" if len(ratings.pairs) else "")
-          + (f", an ensemble of {settings.train_reward_ensemble_size}" if settings.train_reward_ensemble_size > 1 else ""))
+          f"{' + Bradley-Terry' if compared else ''}{ensemble}")
     if len(test) < MIN_TEST_RATINGS:
         print(f"warning: only {len(test)} ratings held out for testing; the test metrics below are unreliable. "
               "Rate more images (or raise train_reward_test_split_ratio).")
