@@ -11,11 +11,13 @@ is trained with train_reward's own code (utils/reward_training.fit_reward_model)
 pool of images, and measured on held-out images against the rater's noiseless taste: Spearman correlation and
 pairwise accuracy, mean and spread (std) over seeds. A comparison counts as one rating, as a score does.
 
-Methods (what `recommended` is, is the defaults README recommends; `baseline` is the seed's train_reward):
-  baseline      random images, scores, MSE, one CNN: train_reward with the seed's settings
-  ranking       ... the ranking loss on scores instead of MSE
-  ensemble      ... an ensemble of CNNs (their mean is the reward)
-  active        ensemble; after the first ratings, the next images are those the members disagree on most
+Methods (`baseline` is the seed's train_reward, `recommended` config.py's defaults):
+  baseline      random images, scores; MSE, one CNN, batches of 100: the seed's settings
+  ranking       the baseline with the ranking loss on scores instead of MSE
+  ensemble      the baseline with an ensemble of 4 CNNs (their mean is the reward)
+  batch_32      the baseline with batches of 32 (more optimizer steps from few ratings)
+  recommended   all three: random images, scores
+  active        recommended; after the first ratings, the next images are those the members disagree on most
   comparisons   pairs instead of scores (Bradley–Terry); random pairs
   active_pairs  pairs the ensemble's members disagree on most (the rating page's pairwise mode)
 
@@ -51,12 +53,13 @@ BASELINE_SIZES = [1000]  # the baseline also at the seed's 1000 ratings per roun
 TARGET_SIZE = 300  # the target: at most this many ratings reach the baseline's Spearman at its most ratings
 FIRST_ACTIVE = 50  # active methods start from this many random ratings
 
-SEED_SETTINGS = {}  # train_reward as the seed has it: config.py's defaults
-RECOMMENDED = {"train_reward_loss": "ranking", "train_reward_ensemble_size": 4}
+SEED_SETTINGS = {"train_reward_loss": "mse", "train_reward_ensemble_size": 1, "train_reward_batch_size": 100}
+RECOMMENDED = {"train_reward_loss": "ranking", "train_reward_ensemble_size": 4, "train_reward_batch_size": 32}
 METHODS = {  # name: (train_reward settings, which ratings: "random" or "active", kind: "scores" or "pairs")
     "baseline": (SEED_SETTINGS, "random", "scores"),
-    "ranking": ({"train_reward_loss": "ranking"}, "random", "scores"),
-    "ensemble": ({"train_reward_ensemble_size": 4}, "random", "scores"),
+    "ranking": ({**SEED_SETTINGS, "train_reward_loss": "ranking"}, "random", "scores"),
+    "ensemble": ({**SEED_SETTINGS, "train_reward_ensemble_size": 4}, "random", "scores"),
+    "batch_32": ({**SEED_SETTINGS, "train_reward_batch_size": 32}, "random", "scores"),
     "recommended": (RECOMMENDED, "random", "scores"),
     "active": (RECOMMENDED, "active", "scores"),
     "comparisons": (RECOMMENDED, "random", "pairs"),

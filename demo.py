@@ -40,13 +40,12 @@ MARKER = ".almostperfect_demo"  # a folder holding this is the demo's own, safe 
 ROUNDS = 2
 POLICY_EPOCHS_PER_ROUND = 5
 REQUIRED_RISE = 0.5  # in standard deviations of the first round's scores
-RATINGS_PER_ROUND = 48  # of the round's 96 images; the demo rated all 96 before the reward ensemble
+RATINGS_PER_ROUND = 48  # of the round's 96 images; the demo rated all 96 before the reward ensemble and ranking loss
 # The tiny model's own settings; config.py's defaults stay the seed's (made for SD1.5 on a GPU).
 DEMO_SETTINGS = {
     "height": 64, "width": 64,  # the smallest size the reward CNN takes (8x8 latents)
     "generate_sample_size": 96, "generate_batch_size": 16,  # ratings per round; 20% of them test the reward model
     "train_reward_num_epochs": 30, "train_reward_batch_size": 16, "train_reward_test_split_ratio": 0.2,
-    "train_reward_loss": "ranking", "train_reward_ensemble_size": 4,  # what benchmark_ratings.py found best
     "lora_rank": 4,
     "train_sample_batch_size": 16, "train_sample_num_batches_per_epoch": 2,
     "train_policy_batch_size": 32,  # one optimizer step per epoch on all of its images
