@@ -227,7 +227,8 @@ def test_images_far_below_are_not_loaded_until_scrolled_to(page, tmp_path):
 # ---------------------------------------------------------------- comparing pairs, and the order option
 
 def shown_pair(page):
-    """(a, b): the files of the left and right image in the comparison view."""
+    """(a, b): the files of the left and right image in the comparison view, once the first pair has come."""
+    page.wait_for_function("document.getElementById('compare-image-b').getAttribute('src') !== null")
     sources = [page.locator(f"#compare-image-{side}").get_attribute("src") for side in ("a", "b")]
     return tuple(source.removeprefix("images/") for source in sources)
 
