@@ -292,6 +292,7 @@ def test_compare_pairs_with_the_arrow_keys_saved_at_once_and_after_a_reload(page
 def test_a_refused_comparison_is_shown_and_nothing_is_saved(page, samples):
     with serving(samples, samples / "scores.json") as url:
         page.goto(url)
+        expect(page.locator("#counter")).to_have_text("6 loaded / 0 scored")  # the page's keys are ready
         page.keyboard.press("c")
         a, _ = shown_pair(page)
         os.remove(samples / a)  # gone from the round after the pair was shown
@@ -316,6 +317,7 @@ def test_most_informative_first_orders_the_grid_and_the_keys_and_survives_a_relo
     write_json(samples / "scores.json", {"21.png": 3})
     with serving(samples, samples / "scores.json") as url:
         page.goto(url)
+        expect(page.locator(".tile")).to_have_count(len(SEEDS))
         expect(page.locator("#order")).to_have_value("seed")
         assert grid_seeds(page) == SEEDS
         page.select_option("#order", "informative")
@@ -342,4 +344,5 @@ def test_without_an_ensemble_the_order_option_says_what_to_do(page, samples):
         page.goto(url)
         expect(page.locator("#order option[value=informative]")).to_be_disabled()
         expect(page.locator("#order-note")).to_contain_text("--train_reward_ensemble_size")
+        expect(page.locator(".tile")).to_have_count(len(SEEDS))
         assert grid_seeds(page) == SEEDS
