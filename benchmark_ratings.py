@@ -1,8 +1,8 @@
 """Rating efficiency: how well the reward model learns a taste from N ratings, for several tastes and ways to rate.
 
-    python benchmark_ratings.py                                  # the README's figures (about 15 min on 2 cores)
+    python benchmark_ratings.py             # the README's figures: 18.5 min (8.4 CPU-min) on 2 busy shared cores
     python benchmark_ratings.py --seeds 1 --sizes 50,300 --tastes brightness --methods baseline,recommended
-    python benchmark_ratings.py --seeds 1 --methods baseline,ranking,ensemble,recommended,comparisons   # ablations
+    python benchmark_ratings.py --seeds 1 --methods baseline,ranking,ensemble,batch_32,recommended,comparisons
 
 Scripted raters stand in for people (utils/scripted_rater.py): each likes one thing in an image (brightness,
 redness, contrast, saturation, a top-heavy image) and rates as a person does, with a point of jitter and an
@@ -51,7 +51,6 @@ POOL, HELD_OUT = 1000, 400  # images to rate, images to measure on (never rated)
 SIZES = [50, 100, 200, 300]
 BASELINE_SIZES = [1000]  # the baseline also at the seed's 1000 ratings per round: the target to reach
 TARGET_SIZE = 300  # the target: at most this many ratings reach the baseline's Spearman at its most ratings
-FIRST_ACTIVE = 50  # active methods start from this many random ratings
 
 SEED_SETTINGS = {"train_reward_loss": "mse", "train_reward_ensemble_size": 1, "train_reward_batch_size": 100}
 RECOMMENDED = {"train_reward_loss": "ranking", "train_reward_ensemble_size": 4, "train_reward_batch_size": 32}
