@@ -12,6 +12,7 @@ import torch
 # ---------------------------------------------------------------- paths
 sample_path = "samples/"  # the current round: <seed>.png, latents/, scores.json; history/ holds earlier rounds
 score_path = "samples/scores.json"  # {"<seed>.png": score in -5..+5}, the seed WebApp's format
+comparison_path = "samples/comparisons.json"  # [{"a": "<seed>.png", "b": "<seed>.png", "winner": "a"|"b"|"tie"}]
 model_path = "models/"  # reward model and its metrics are written here
 checkpoint_path = "models/checkpoint"  # SD1.x or SDXL: a diffusers folder (model_index.json, unet/, ...) or one WebUI/ComfyUI .safetensors file
 checkpoint_config = ""  # a diffusers folder whose configs + tokenizer load a single-file checkpoint ("" = those shipped in utils/configs/)
@@ -46,11 +47,13 @@ score_open_browser = True  # open the page in the default browser at start
 
 # ---------------------------------------------------------------- reward model (stage 3)
 train_reward_num_epochs = 10
-train_reward_batch_size = 100
+train_reward_batch_size = 100  # ratings per AdamW step (the seed's); 32 learns more from a few hundred ratings
 train_reward_test_split_ratio = 0.1  # share of the ratings held out to measure the model (fixed shuffle seed)
 train_reward_learning_rate = 1e-3  # AdamW
 train_reward_use_history = True  # also learn from rated rounds in samples/history/
 train_reward_flip_augment = True  # random horizontal flips of training latents (a mirrored image is rated the same)
+train_reward_loss = "mse"  # on scores: "mse" (the seed's) or "ranking" (pairwise logistic: order images as their scores do; better with few ratings)
+train_reward_ensemble_size = 4  # seed CNNs from different starts; reward = their mean; their disagreement orders the rating page (1 = the seed's)
 train_reward_min_correlation = 0.3  # below this test-set Pearson correlation, warn that the model is not worth a policy
 rank_folder = ""  # a folder of images: train_reward.py ranks it with the trained model (best first) instead of training
 

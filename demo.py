@@ -10,7 +10,11 @@ real stage scripts for two rounds, as you would, with a scripted rater in your p
 and prints the rater's mean score of every round's fresh samples (new random seeds, none of them
 trained on). It rises because the policy learned what the reward model learned from the ratings.
 The rater maps brightness to a score with a fixed rule calibrated on the first round
-(demo/rater_calibration.json), so scores of later rounds compare with the first.
+(demo/rater_calibration.json), so scores of later rounds compare with the first. Like a person
+in a hurry, it rates only RATINGS_PER_ROUND of each round's images: "most informative first", as
+the rating page orders them (the reward ensemble's disagreement, samples/rating_order.json), once
+there is a reward model to order by; the first round in seed order. Its scores of every image of a
+round are only the measurement.
 
 Everything is written under demo/ (checkpoint/, samples/, models/ and outputs/ with their metrics,
 plots and previews, summary.json); your models/, samples/ and outputs/ are never touched. A rerun
@@ -26,8 +30,9 @@ import time
 
 from utils.cli import SettingsError, images_per_epoch, parse_settings, stage_paths
 from utils.files import write_json_atomic
+from utils.rating_order import read_rating_order, update_rating_order
 from utils.reward_model import reward_model_metadata
-from utils.samples import ROUND_FILE
+from utils.samples import ROUND_FILE, round_images
 from utils.scripted_rater import brightness_values, calibration_of, scores_from_values
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -35,11 +40,13 @@ MARKER = ".almostperfect_demo"  # a folder holding this is the demo's own, safe 
 ROUNDS = 2
 POLICY_EPOCHS_PER_ROUND = 5
 REQUIRED_RISE = 0.5  # in standard deviations of the first round's scores
+RATINGS_PER_ROUND = 48  # of the round's 96 images; the demo rated all 96 before the reward ensemble and ranking loss
 # The tiny model's own settings; config.py's defaults stay the seed's (made for SD1.5 on a GPU).
 DEMO_SETTINGS = {
     "height": 64, "width": 64,  # the smallest size the reward CNN takes (8x8 latents)
     "generate_sample_size": 96, "generate_batch_size": 16,  # ratings per round; 20% of them test the reward model
     "train_reward_num_epochs": 30, "train_reward_batch_size": 16, "train_reward_test_split_ratio": 0.2,
+    "train_reward_loss": "ranking",  # with the 4-CNN ensemble, what benchmark_ratings.py measured best for few ratings
     "lora_rank": 4,
     "train_sample_batch_size": 16, "train_sample_num_batches_per_epoch": 2,
     "train_policy_batch_size": 32,  # one optimizer step per epoch on all of its images
@@ -73,15 +80,30 @@ def run_script(script, settings, extra_args=()):
     return time.perf_counter() - started
 
 
-def rate(settings, calibration):
-    """The scripted rater: writes scores.json for the current round; returns (values, scores, seeds)."""
+def images_to_rate(settings, count):
+    """The round's first `count` images in the rating page's "most informative first" order, if the reward
+    model can order them (an ensemble), else in seed order."""
+    folder = settings["sample_path"]
+    update_rating_order(folder, settings["reward_model_path"])  # as score.py does at start
+    predictions = read_rating_order(folder)
+    if predictions and max(entry["std"] for entry in predictions) > 0:
+        return [entry["file"] for entry in predictions][:count]
+    return round_images(folder)[:count]
+
+
+def rate(settings, calibration, ratings_per_round):
+    """The scripted rater: writes scores.json with `ratings_per_round` of the round's images.
+
+    Returns (values, scores, seeds, rated): the brightness and score of every image (the measurement).
+    """
     folder = settings["sample_path"]
     values = brightness_values(folder)
     scores = scores_from_values(values, calibration)
-    write_json_atomic(settings["score_path"], scores)
+    rated = images_to_rate(settings, ratings_per_round)
+    write_json_atomic(settings["score_path"], {name: scores[name] for name in rated})
     with open(os.path.join(folder, ROUND_FILE)) as f:
         seeds = json.load(f)["seeds"]
-    return values, scores, seeds
+    return values, scores, seeds, rated
 
 
 def policy_seeds(settings, last_epoch):
@@ -97,7 +119,8 @@ def mean_std(values):
     return mean, (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
 
 
-def run_demo(folder, rounds=ROUNDS, epochs_per_round=POLICY_EPOCHS_PER_ROUND, extra_args=()):
+def run_demo(folder, rounds=ROUNDS, epochs_per_round=POLICY_EPOCHS_PER_ROUND, extra_args=(),
+             ratings_per_round=RATINGS_PER_ROUND):
     """Build the tiny checkpoint and run `rounds` rounds of the loop in `folder`; returns the summary."""
     from utils.tiny_checkpoint import build_tiny_checkpoint
 
@@ -109,14 +132,14 @@ def run_demo(folder, rounds=ROUNDS, epochs_per_round=POLICY_EPOCHS_PER_ROUND, ex
     calibration, measured = None, []
     for round_number in range(1, rounds + 2):  # the last generation only measures the final LoRA
         seconds = {"generate": run_script("generate.py", settings, extra_args)}
-        values, scores, seeds = rate(settings, calibration)
+        values, scores, seeds, rated = rate(settings, calibration, ratings_per_round)
         if calibration is None:
             calibration = calibration_of(values)
             write_json_atomic(os.path.join(folder, "rater_calibration.json"),
                               {"rule": "score = clip(round(2 * (brightness - mean) / std), -5, 5)", **calibration})
         epochs_before = (round_number - 1) * epochs_per_round
         score_mean, score_std = mean_std(list(scores.values()))
-        record = {"round": round_number, "lora_epochs": epochs_before, "images": len(scores),
+        record = {"round": round_number, "lora_epochs": epochs_before, "images": len(scores), "ratings": len(rated),
                   "brightness_mean": mean_std(list(values.values()))[0], "score_mean": score_mean,
                   "score_std": score_std, "seeds_trained_on": len(set(seeds) & policy_seeds(stage_settings, epochs_before))}
         if round_number <= rounds:
@@ -136,6 +159,7 @@ def run_demo(folder, rounds=ROUNDS, epochs_per_round=POLICY_EPOCHS_PER_ROUND, ex
         "required_rise_in_std": REQUIRED_RISE, "seconds": time.perf_counter() - started, "settings": settings,
     }
     summary["learned"] = summary["rise_in_first_round_std"] >= REQUIRED_RISE
+    summary["ratings_used"] = sum(r["ratings"] for r in measured[:rounds])
     write_json_atomic(os.path.join(folder, "summary.json"), summary)
     return summary
 
@@ -143,11 +167,12 @@ def run_demo(folder, rounds=ROUNDS, epochs_per_round=POLICY_EPOCHS_PER_ROUND, ex
 def print_summary(summary, folder):
     print("\n" + "=" * 78)
     print("The rater's scores of fresh samples (-5..5, brighter = better; each round new random seeds)\n")
-    print(f"{'round':>5}  {'model':<22} {'images':>6}  {'brightness':>10}  {'score':>13}  {'reward model r':>14}")
+    print(f"{'round':>5}  {'model':<22} {'images':>6} {'rated':>5}  {'brightness':>10}  {'score':>13}  {'reward model r':>14}")
     for record in summary["rounds"]:
         model = f"LoRA, {record['lora_epochs']} epochs" if record["lora_epochs"] else "base (no LoRA)"
         pearson = record.get("reward_model_test_pearson")
-        print(f"{record['round']:>5}  {model:<22} {record['images']:>6}  {record['brightness_mean']:>10.1f}  "
+        rated = record["ratings"] if record.get("reward_model_test_pearson") is not None else "-"
+        print(f"{record['round']:>5}  {model:<22} {record['images']:>6} {rated:>5}  {record['brightness_mean']:>10.1f}  "
               f"{record['score_mean']:>+6.2f} ± {record['score_std']:<4.2f}  "
               f"{'' if pearson is None else f'{pearson:.2f}':>14}")
     trained_on = sum(r["seeds_trained_on"] for r in summary["rounds"])
@@ -155,7 +180,8 @@ def print_summary(summary, folder):
           f"{summary['rise']:+.2f} = {summary['rise_in_first_round_std']:.2f} standard deviations of the first "
           f"round's scores (needed: {summary['required_rise_in_std']}) -> "
           + ("the loop learned the rater's taste." if summary["learned"] else "NOT LEARNED."))
-    print(f"{trained_on} of the measured images used a seed the policy was trained on. "
+    print(f"The reward models learned from {summary['ratings_used']} ratings in all. "
+          f"{trained_on} of the measured images used a seed the policy was trained on. "
           f"Took {summary['seconds'] / 60:.1f} minutes.")
     print(f"\nLook at: {folder}/outputs/preview_epoch_*.png (fixed seeds at each save), "
           f"{folder}/outputs/policy_metrics.png,\n         {folder}/models/reward_metrics.png, "

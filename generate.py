@@ -30,8 +30,8 @@ from utils.samples import (ROUND_FILE, archive_round, finish_interrupted_archive
                            save_latent, webui_parameters)
 from utils.sampling import decode_latents, load_pipeline
 
-USED_SETTINGS = ["checkpoint_path", "checkpoint_config", "sample_path", "score_path", "lora_path", "lora_name_prefix",
-                 "generate_lora", "device",
+USED_SETTINGS = ["checkpoint_path", "checkpoint_config", "sample_path", "score_path", "comparison_path", "lora_path",
+                 "lora_name_prefix", "generate_lora", "device",
                  "generate_sample_size", "generate_batch_size", "generate_vae_slicing", "generate_vae_tiling",
                  "prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "eta"]
 
@@ -81,7 +81,8 @@ def plan_round(settings, parameters):
     finish_interrupted_archive(folder)  # before looking at round.json: it may belong to that half-moved round
     round_path = os.path.join(folder, ROUND_FILE)
     current = read_round(round_path)
-    resumable = current and current["parameters"] == parameters and not os.path.exists(settings.score_path)
+    rated = any(os.path.exists(path) for path in (settings.score_path, settings.comparison_path))
+    resumable = current and current["parameters"] == parameters and not rated
     if not resumable:
         moved = archive_round(folder)
         if moved:

@@ -7,10 +7,17 @@ The page shows a grid of the round; click an image (or press Enter) for the full
 the arrow keys move and change the score and the number keys rate and move on (the page lists them).
 Every change is saved at once, so closing the tab or stopping this script (Ctrl-C) loses nothing.
 
+The page can also show two images side by side to compare (← or → picks the better, ↓ says "about the
+same"), and order the grid "most informative first" by the reward ensemble's disagreement.
+
 Reads   samples/<seed>.png and its `parameters` text chunk (prompt, seed, LoRA), as generate.py writes them
         samples/scores.json if it exists: {"<seed>.png": score in -5..+5}, the seed WebApp's format
+        samples/comparisons.json if it exists: [{"a": "<seed>.png", "b": "<seed>.png", "winner": "a"|"b"|"tie"}]
+        models/reward_model.safetensors if it exists, with samples/latents/, to order the round (see below)
 Writes  samples/scores.json at every change, atomically; scores of files not in the round are kept.
-        A scores.json that is not in that format is renamed to scores.json.invalid-<time>, never deleted.
+        samples/comparisons.json at every comparison, atomically (appended; earlier ones are kept).
+        A file of the two that is not in its format is renamed to <name>.invalid-<time>, never deleted.
+        samples/rating_order.json (utils/rating_order.py) when a reward model is newer than it.
 Serves  the page in utils/score_page/ and the round's PNGs, nothing else (not latents/, not history/).
 Only to the person at this machine: requests naming another host (DNS rebinding), writes from another
 web page (their Origin), and framing by another site are refused; see check_request. While it runs,
@@ -22,6 +29,7 @@ import errno
 import ipaddress
 import json
 import os
+import random
 import re
 import socket
 import sys
@@ -31,13 +39,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
 from utils.cli import UserError, run_stage
-from utils.files import (MAX_SCORE, MIN_SCORE, parse_json, read_json, round_file_problem, scores_format_problem,
-                         write_json_atomic)
+from utils.files import (MAX_SCORE, MIN_SCORE, WINNERS, comparisons_format_problem, parse_json, read_json,
+                         round_file_problem, scores_format_problem, write_json_atomic)
 from utils.locks import FolderLock
+from utils.rating_order import next_pairs, read_rating_order, update_rating_order
 from utils.samples import (finish_interrupted_archive, is_round_image, parse_webui_parameters, read_png_parameters,
                            round_images)
 
-USED_SETTINGS = ["sample_path", "score_path", "score_host", "score_port", "score_open_browser"]
+USED_SETTINGS = ["sample_path", "score_path", "comparison_path", "reward_model_path", "score_host", "score_port",
+                 "score_open_browser"]
 
 MAX_REQUEST_BYTES = 4096  # a score request is about 40 bytes
 PAGE_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "utils", "score_page")
@@ -56,28 +66,29 @@ SECURITY_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame
 
 # ---------------------------------------------------------------- the round and its scores
 
-def load_scores(score_path):
-    """The saved scores, and a notice for the page if the file had to be set aside."""
+def load_scores(score_path, format_problem=scores_format_problem, empty=dict, what="scores"):
+    """The saved scores (or comparisons), and a notice for the page if the file had to be set aside."""
     if not os.path.exists(score_path):
-        return {}, None
+        return empty(), None
     try:
         scores = read_json(score_path)
-        problem = scores_format_problem(scores)
+        problem = format_problem(scores)
     except ValueError as error:  # not JSON, not UTF-8, or nested too deeply
         problem = f"not valid JSON ({error})"
     except OSError as error:  # a folder in its place, no permission: nothing to set aside
         raise UserError(f"cannot read {score_path} ({error.strerror}); fix or move it, then start again.") from None
-    if problem is None:
+    if problem is None and isinstance(scores, dict):
         outside = [name for name in scores if round_file_problem(name)]
         if outside:  # kept as they are, but never shown, served or scored
             print(f"warning: {score_path} has {len(outside)} entries that name no file of the round (such as "
                   f"{outside[0]!r}); they are kept in the file and ignored.")
+    if problem is None:
         return scores, None
     aside = f"{score_path}.invalid-{datetime.datetime.now():%Y%m%d-%H%M%S-%f}"
     os.replace(score_path, aside)
-    notice = f"{score_path} was {problem}. It is kept as {aside}; this session starts with no scores."
+    notice = f"{score_path} was {problem}. It is kept as {aside}; this session starts with no {what}."
     print(f"warning: {notice}")
-    return {}, notice
+    return empty(), notice
 
 
 def describe_image(folder, name, score):
@@ -101,15 +112,48 @@ def _size(text):
 class RatingRound:
     """The images of the current round and their scores; every change is written to disk before it counts."""
 
-    def __init__(self, sample_path, score_path):
+    def __init__(self, sample_path, score_path, comparison_path=None):
         self.sample_path, self.score_path = sample_path, score_path
+        self.comparison_path = comparison_path or os.path.join(os.path.dirname(score_path), "comparisons.json")
         self.lock = threading.Lock()  # one save at a time, so two quick changes never mix in the file
         self.scores, self.notice = load_scores(score_path)
+        self.comparisons, comparison_notice = load_scores(self.comparison_path, comparisons_format_problem, list,
+                                                          "comparisons")
+        self.notice = " ".join(n for n in (self.notice, comparison_notice) if n) or None
+        self.random = random.Random()
 
     def state(self):
         names = round_images(self.sample_path)
         return {"images": [describe_image(self.sample_path, name, self.scores.get(name)) for name in names],
-                "sample_path": self.sample_path, "score_path": self.score_path, "notice": self.notice}
+                "sample_path": self.sample_path, "score_path": self.score_path, "notice": self.notice,
+                **self.order_state(names), "comparison_path": self.comparison_path,
+                "comparisons": len(self.comparisons)}
+
+    def order_state(self, names):
+        """"order": the round's images most informative first (rating_order.json), or None with a reason."""
+        predictions = read_rating_order(self.sample_path)
+        if not predictions:
+            return {"order": None, "order_note": "no reward model has ordered this round yet "
+                                                 "(run train_reward.py, then start score.py again)"}
+        if max(entry["std"] for entry in predictions) == 0:
+            return {"order": None, "order_note": "the reward model is a single CNN "
+                                                 "(train it with --train_reward_ensemble_size=4)"}
+        in_round = set(names)
+        return {"order": [entry["file"] for entry in predictions if entry["file"] in in_round], "order_note": None}
+
+    def add_comparison(self, a, b, winner):
+        """Append one comparison to comparisons.json (replaced whole, atomically)."""
+        with self.lock:
+            comparisons = self.comparisons + [{"a": a, "b": b, "winner": winner}]
+            write_json_atomic(self.comparison_path, comparisons)
+            self.comparisons = comparisons
+
+    def next_pair(self):
+        """{"a", "b"}: the pair to compare next (most informative, see utils/rating_order.py), or Nones if none is left."""
+        names = round_images(self.sample_path)
+        pairs = next_pairs(names, read_rating_order(self.sample_path), self.comparisons, set(self.scores), self.random)
+        a, b = pairs[0] if pairs else (None, None)
+        return {"a": a, "b": b, "comparisons": len(self.comparisons)}
 
     def set_score(self, name, score):
         """Save `score` for image `name` (None removes its score); the file is replaced whole, atomically."""
@@ -136,6 +180,25 @@ def parse_score_request(body, round_names):
     if score is not None and not (is_whole and MIN_SCORE <= score <= MAX_SCORE):
         raise ValueError(f"score {score!r} is not a whole number from -5 to 5")
     return file, score
+
+
+def parse_comparison_request(body, round_names):
+    """(a, b, winner) from a POST body {"a": "<seed>.png", "b": "<seed>.png", "winner": "a"|"b"|"tie"}; ValueError says what is wrong."""
+    try:
+        request = json.loads(body)
+    except ValueError:
+        raise ValueError("the request body is not JSON") from None
+    if not isinstance(request, dict) or set(request) != {"a", "b", "winner"}:
+        raise ValueError('send {"a": "<seed>.png", "b": "<seed>.png", "winner": "a", "b" or "tie"}')
+    a, b, winner = request["a"], request["b"], request["winner"]
+    for name in (a, b):
+        if not isinstance(name, str) or name not in round_names:
+            raise ValueError(f"{name!r} is not an image of this round")
+    if a == b:
+        raise ValueError(f"an image cannot be compared with itself ({a!r} twice)")
+    if winner not in WINNERS:
+        raise ValueError(f'winner {winner!r} is not "a", "b" or "tie"')
+    return a, b, winner
 
 
 # ---------------------------------------------------------------- the HTTP server
@@ -185,7 +248,8 @@ def check_request(method, headers, port, hosts, any_ip):
 
 
 class RatingPageHandler(BaseHTTPRequestHandler):
-    """GET the page, /api/state, /scores.json and /images/<seed>.png; POST /api/score. Anything else is a 404."""
+    """GET the page, /api/state, /api/next_pair, /scores.json and /images/<seed>.png; POST /api/score and
+    /api/compare. Anything else is a 404."""
 
     timeout = 60  # seconds a client may stall mid-request before its thread gives up on it
 
@@ -208,6 +272,8 @@ class RatingPageHandler(BaseHTTPRequestHandler):
             self.send_file(os.path.join(PAGE_FOLDER, file), content_type)
         elif path == "/api/state":
             self.send_json(200, rating_round.state())
+        elif path == "/api/next_pair":
+            self.send_json(200, rating_round.next_pair())
         elif path == "/scores.json":  # set_score swaps in a new dict, so this one is never half-changed
             self.send_json(200, rating_round.scores, {"Content-Disposition": 'attachment; filename="scores.json"'})
         elif path.startswith("/images/") and is_round_image(rating_round.sample_path, path.removeprefix("/images/")):
@@ -217,7 +283,7 @@ class RatingPageHandler(BaseHTTPRequestHandler):
             self.send_json(404, {"error": f"not found: {path}"})
 
     def do_POST(self):
-        if urlsplit(self.path).path != "/api/score":
+        if urlsplit(self.path).path not in ("/api/score", "/api/compare"):
             return self.send_json(404, {"error": "not found"})
         # a JSON content type makes the browser refuse other web sites' cross-origin posts
         if self.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
@@ -226,8 +292,11 @@ class RatingPageHandler(BaseHTTPRequestHandler):
         if not length.isdigit() or not 0 < int(length) <= MAX_REQUEST_BYTES:
             return self.send_json(400, {"error": f"the request body must be 1 to {MAX_REQUEST_BYTES} bytes"})
         rating_round = self.server.rating_round
+        body = self.rfile.read(int(length))
+        if urlsplit(self.path).path == "/api/compare":
+            return self.save_comparison(body)
         try:
-            file, score = parse_score_request(self.rfile.read(int(length)), round_images(rating_round.sample_path))
+            file, score = parse_score_request(body, round_images(rating_round.sample_path))
         except ValueError as error:
             return self.send_json(400, {"error": str(error)})
         try:
@@ -235,6 +304,19 @@ class RatingPageHandler(BaseHTTPRequestHandler):
         except OSError as error:  # a full disk, a read-only folder: the page must say it was not saved
             return self.send_json(500, {"error": f"cannot write {rating_round.score_path} ({error})"})
         self.send_json(200, {"file": file, "score": score})
+
+    def save_comparison(self, body):
+        """POST /api/compare: validate, append to comparisons.json, answer with the next pair."""
+        rating_round = self.server.rating_round
+        try:
+            a, b, winner = parse_comparison_request(body, round_images(rating_round.sample_path))
+        except ValueError as error:
+            return self.send_json(400, {"error": str(error)})
+        try:
+            rating_round.add_comparison(a, b, winner)
+        except OSError as error:
+            return self.send_json(500, {"error": f"cannot write {rating_round.comparison_path} ({error})"})
+        self.send_json(200, {"saved": {"a": a, "b": b, "winner": winner}, "next": rating_round.next_pair()})
 
     def send_json(self, status, obj, headers=None):
         self.send_body(status, json.dumps(obj).encode(), "application/json", headers)
@@ -291,7 +373,7 @@ def make_server(settings):
     try:
         server.folder_lock.acquire()
         finish_interrupted_archive(settings.sample_path)
-        server.rating_round = RatingRound(settings.sample_path, settings.score_path)
+        server.rating_round = RatingRound(settings.sample_path, settings.score_path, settings.comparison_path)
     except BaseException:
         server.server_close()
         raise
@@ -320,6 +402,12 @@ def main(settings):
     shown_host = "127.0.0.1" if settings.score_host == "0.0.0.0" else settings.score_host
     url = f"http://{shown_host}:{server.server_address[1]}/"
     print(f"rating page: {url}   (Ctrl-C to stop; every score is saved to {settings.score_path} at once)")
+    try:
+        order = update_rating_order(settings.sample_path, settings.reward_model_path)
+    except Exception as error:  # the order is a convenience: a model or latent it cannot read must not stop rating
+        order = f"warning: could not order the round with {settings.reward_model_path} ({error}); seed order only"
+    if order:
+        print(order)
     if settings.score_open_browser and not webbrowser.open(url):
         print("found no browser to open; open the address above yourself")
     try:

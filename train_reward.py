@@ -2,12 +2,18 @@
 
     python train_reward.py [--name=value ...]
 
-Reads   samples/scores.json ({"<seed>.png": -5..5}) and the rated rounds in samples/history/*/, each
-        image's saved latent samples/latents/<seed>.safetensors (the PNG is VAE-encoded only when
+Reads   samples/scores.json ({"<seed>.png": -5..5}), samples/comparisons.json ([{"a", "b", "winner"}],
+        the rating page's pairwise mode) and the same files of the rated rounds in samples/history/*/,
+        each image's saved latent samples/latents/<seed>.safetensors (the PNG is VAE-encoded only when
         no latent was saved, e.g. for images made elsewhere).
-Writes  models/reward_model.safetensors (the epoch with the best test loss; metadata in its header),
-        models/reward_metrics.jsonl (loss, Pearson, Spearman, pairwise accuracy per epoch) and
-        models/reward_metrics.png (their curves).
+Writes  models/reward_model.safetensors (the epoch with the best test loss; metadata in its header; an
+        ensemble of CNNs with train_reward_ensemble_size > 1), models/reward_metrics.jsonl (loss,
+        Pearson, Spearman, pairwise and comparison accuracy per epoch), models/reward_metrics.png
+        (their curves) and samples/rating_order.json (the ensemble's prediction and doubt for each image
+        of the current round, which the rating page orders by; utils/rating_order.py).
+
+The training itself (losses, split, loop, best epoch) is utils/reward_training.py, which
+benchmark_ratings.py runs too.
 
     python train_reward.py --rank_folder=path/to/images
 
@@ -16,7 +22,6 @@ against your own taste: prints the ranking and writes models/ranking.json and mo
 (a contact sheet in rank order); nothing is written into the ranked folder.
 """
 
-import math
 import os
 import time
 
@@ -26,17 +31,21 @@ from tqdm.auto import tqdm
 
 from utils.checkpoint import model_family
 from utils.cli import UserError, run_stage
-from utils.files import read_json, round_file_problem, scores_format_problem, write_json_atomic
-from utils.metrics import append_jsonl, contact_sheet, pairwise_accuracy, pearson, plot_curves, read_jsonl, spearman
-from utils.reward_model import (FAMILY_NAMES, MIN_LATENT_SIZE, LatentRewardModel, check_family, load_reward_model,
-                                reward_model_metadata, save_reward_model)
+from utils.files import comparisons_format_problem, read_json, round_file_problem, scores_format_problem, write_json_atomic
+from utils.metrics import append_jsonl, contact_sheet, plot_curves, read_jsonl
+from utils.rating_order import order_round
+from utils.reward_model import (FAMILY_NAMES, MIN_LATENT_SIZE, check_family, load_reward_model, reward_model_metadata,
+                                save_reward_model)
+from utils.reward_training import OUTCOMES, Ratings, fit_reward_model, split_ratings
 from utils.samples import history_rounds, interrupted_archives, latent_family, latent_file, lives_in, load_latent
 from utils.sampling import load_pipeline
 
-USED_SETTINGS = ["sample_path", "score_path", "model_path", "reward_model_path", "checkpoint_path", "checkpoint_config", "device",
+USED_SETTINGS = ["sample_path", "score_path", "comparison_path", "model_path", "reward_model_path", "checkpoint_path",
+                 "checkpoint_config", "device",
                  "train_reward_num_epochs", "train_reward_batch_size", "train_reward_test_split_ratio",
                  "train_reward_learning_rate", "train_reward_use_history", "train_reward_flip_augment",
-                 "train_reward_min_correlation", "seed", "rank_folder"]
+                 "train_reward_min_correlation", "train_reward_loss", "train_reward_ensemble_size", "seed",
+                 "rank_folder"]
 MIN_TEST_RATINGS = 10  # fewer held-out ratings than this make the test metrics noise
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 SHEET_IMAGES = 48  # the contact sheet shows all images up to this many, else the best and worst halves
@@ -65,29 +74,49 @@ def read_scores(path):
     return {name: score for name, score in scores.items() if name not in outside}
 
 
+def read_comparisons(path):
+    """[{"a", "b", "winner"}] from a comparisons.json, [] if there is none; a malformed entry is an error that names it."""
+    if not os.path.isfile(path):
+        return []
+    try:
+        comparisons = read_json(path)
+    except ValueError as error:  # not JSON, not UTF-8, or nested too deeply
+        raise UserError(f"{path} is not valid JSON ({error}); fix it or compare again with `python score.py`.") from None
+    except OSError as error:
+        raise UserError(f"cannot read {path} ({error.strerror}); check its permissions.") from None
+    problem = comparisons_format_problem(comparisons)
+    if problem:
+        raise UserError(f"{path} is {problem}; fix it or compare again with `python score.py`.")
+    return comparisons
+
+
 def rated_rounds(settings):
-    """(folder, scores.json path) of every round to learn from: the current one, then history/."""
+    """(folder, scores.json, comparisons.json) of every round to learn from: the current one, then history/."""
     interrupted = interrupted_archives(settings.sample_path)
     if interrupted:
         raise UserError(f"{interrupted[0]} is a round whose move to history/ was interrupted: run "
                         "`python generate.py` or `python score.py` once to finish the move, then train again.")
-    rounds = [(settings.sample_path, settings.score_path)]
-    score_name = os.path.basename(settings.score_path)  # archiving moves it with the round, under its own name
+    rounds = [(settings.sample_path, settings.score_path, settings.comparison_path)]
+    # archiving moves them with the round, under their own names
+    names = [os.path.basename(settings.score_path), os.path.basename(settings.comparison_path)]
     if settings.train_reward_use_history:
-        rounds += [(folder, os.path.join(folder, score_name)) for folder in history_rounds(settings.sample_path)
-                   if os.path.isfile(os.path.join(folder, score_name))]
+        rounds += [(folder, *(os.path.join(folder, name) for name in names))
+                   for folder in history_rounds(settings.sample_path)
+                   if any(os.path.isfile(os.path.join(folder, name)) for name in names)]
     return rounds
 
 
-def load_pairs(settings, device):
-    """(latents (n, 4, h/8, w/8), scores (n,), model family) of every rated image found of the majority's
-    size and family; missing images are counted."""
-    latents, families, scores, missing, unencoded = [], [], [], 0, []
-    rounds = rated_rounds(settings)
-    if len(rounds) > 1 and not os.path.isfile(settings.score_path):
-        rounds = rounds[1:]  # the current round is not rated yet; learn from the rated history
-    for folder, score_file in rounds:
-        for name, score in read_scores(score_file).items():
+def load_ratings(settings, device):
+    """(model family, Ratings (utils/reward_training.py)) of every scored or compared image found of the
+    majority's size and family; missing images are counted."""
+    latents, families, index, unencoded, missing = [], [], {}, [], 0
+    scored, scores, pairs, outcomes = [], [], [], []
+
+    def latent_index(folder, name):
+        """Where the image's latent is in `latents` (None if the image is gone); each image is loaded once."""
+        nonlocal missing
+        key = (folder, name)
+        if key not in index:
             saved = latent_file(folder, name)
             if lives_in(os.path.dirname(saved), os.path.basename(saved)):
                 latents.append(load_latent(saved))
@@ -98,8 +127,25 @@ def load_pairs(settings, device):
                 families.append(None)
             else:  # gone, or a link to a file outside the round
                 missing += 1
-                continue
-            scores.append(float(score))
+                return None
+            index[key] = len(latents) - 1
+        return index[key]
+
+    rounds = rated_rounds(settings)
+    if len(rounds) > 1 and not any(os.path.isfile(p) for p in (settings.score_path, settings.comparison_path)):
+        rounds = rounds[1:]  # the current round is not rated yet; learn from the rated history
+    for folder, score_file, comparison_file in rounds:
+        only_compared = os.path.isfile(comparison_file) and not os.path.isfile(score_file)
+        for name, score in ({} if only_compared else read_scores(score_file)).items():
+            i = latent_index(folder, name)
+            if i is not None:
+                scored.append(i)
+                scores.append(float(score))
+        for comparison in read_comparisons(comparison_file):
+            a, b = latent_index(folder, comparison["a"]), latent_index(folder, comparison["b"])
+            if a is not None and b is not None:
+                pairs.append((a, b))
+                outcomes.append(OUTCOMES[comparison["winner"]])
     if missing:
         print(f"skipped {missing} rated entries whose image is not in their round's folder")
     if unencoded:
@@ -109,16 +155,23 @@ def load_pairs(settings, device):
         raise UserError(f"no rated images found in {settings.score_path} (or history): rate some with `python score.py`.")
     kinds = [(tuple(x.shape), f) for x, f in zip(latents, families)]
     common = max(set(kinds), key=kinds.count)
-    keep = [i for i, kind in enumerate(kinds) if kind == common]
-    if len(keep) < len(latents):
-        print(f"skipped {len(latents) - len(keep)} ratings of images of another size or model family than the "
-              f"majority's {common[0]} {FAMILY_NAMES[common[1]]}")
-    shape = common[0]
+    shape, family = common
     if min(shape[1:]) < MIN_LATENT_SIZE:
         raise UserError(f"the rated images' latents are {shape[1]}x{shape[2]}, but the reward model needs at least "
                         f"{MIN_LATENT_SIZE}x{MIN_LATENT_SIZE} (images of {MIN_LATENT_SIZE * 8} px): "
                         "generate and rate larger images.")
-    return torch.stack([latents[i] for i in keep]), torch.tensor([scores[i] for i in keep]), common[1]
+    new_index = {i: n for n, i in enumerate(i for i, kind in enumerate(kinds) if kind == common)}
+    kept_scores = [(new_index[i], s) for i, s in zip(scored, scores) if i in new_index]
+    kept_pairs = [((new_index[a], new_index[b]), o) for (a, b), o in zip(pairs, outcomes)
+                  if a in new_index and b in new_index]
+    if len(kept_scores) + len(kept_pairs) < len(scores) + len(pairs):
+        print(f"skipped {len(scores) + len(pairs) - len(kept_scores) - len(kept_pairs)} ratings of images of another "
+              f"size or model family than the majority's {shape} {FAMILY_NAMES[family]}")
+    return family, Ratings(torch.stack([latents[i] for i in new_index]),
+                   torch.tensor([i for i, _ in kept_scores], dtype=torch.long),
+                   torch.tensor([s for _, s in kept_scores], dtype=torch.float32),
+                   torch.tensor([p for p, _ in kept_pairs], dtype=torch.long).reshape(-1, 2),
+                   torch.tensor([o for _, o in kept_pairs], dtype=torch.float32))
 
 
 @torch.no_grad()
@@ -140,25 +193,6 @@ def encode_images(settings, unencoded, latents, device, size=None):
         latent = pipeline.vae.encode(pixels).latent_dist.mean * pipeline.vae.config.scaling_factor
         latents[index] = latent[0].cpu()  # (4, h/8, w/8)
     return model_family(pipeline)
-
-
-def split(n, ratio):
-    """Indices (train, test), shuffled with a fixed seed so every run holds out the same ratings."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-    n_test = math.ceil(n * ratio) if ratio > 0 and n > 1 else 0
-    return order[n_test:], order[:n_test]
-
-
-@torch.no_grad()
-def evaluate(model, latents, scores, batch_size):
-    if len(scores) == 0:
-        return {}
-    model.eval()
-    predicted = torch.cat([model(latents[i:i + batch_size]) for i in range(0, len(latents), batch_size)])
-    model.train()
-    return {"test_loss": torch.nn.functional.mse_loss(predicted, scores).item(),
-            "test_pearson": pearson(predicted, scores), "test_spearman": spearman(predicted, scores),
-            "test_pairwise_accuracy": pairwise_accuracy(predicted, scores)}
 
 
 @torch.no_grad()
@@ -208,67 +242,56 @@ def main(settings):
     if settings.rank_folder:
         return rank_folder(settings, device)
     torch.manual_seed(settings.seed)
-    latents, scores, family = load_pairs(settings, device)  # (n, 4, h/8, w/8), (n,), "sd15" or "sdxl"
-    train_idx, test_idx = split(len(scores), settings.train_reward_test_split_ratio)
-    if len(train_idx) == 0:
+    family, ratings = load_ratings(settings, device)
+    train, test = (part.to(device) for part in split_ratings(ratings, settings.train_reward_test_split_ratio))
+    if len(train) == 0:
         raise UserError(f"train_reward_test_split_ratio={settings.train_reward_test_split_ratio} holds out all "
-                        f"{len(scores)} ratings, leaving none to train on: lower it, or rate more images.")
-    train_x, train_y = latents[train_idx].to(device), scores[train_idx].to(device)
-    test_x, test_y = latents[test_idx].to(device), scores[test_idx].to(device)
-    print(f"{len(scores)} ratings (mean {scores.mean():.2f}, variance {scores.var(unbiased=False):.2f}): "
-          f"{len(train_idx)} to train on, {len(test_idx)} held out to test; {FAMILY_NAMES[family]} latents "
-          f"{tuple(latents.shape[1:])}")
-    if len(test_idx) < MIN_TEST_RATINGS:
-        print(f"warning: only {len(test_idx)} ratings held out for testing; the test metrics below are unreliable. "
+                        f"{len(test)} ratings, leaving none to train on: lower it, or rate more images.")
+    scores = ratings.scores
+    spread = f" (mean {scores.mean():.2f}, variance {scores.var(unbiased=False):.2f})" if len(scores) else ""
+    compared = f" and {len(ratings.pairs)} comparisons" if len(ratings.pairs) else ""
+    ensemble = f", an ensemble of {settings.train_reward_ensemble_size}" if settings.train_reward_ensemble_size > 1 else ""
+    print(f"{len(scores)} ratings{spread}{compared}: {len(train)} to train on, {len(test)} held out to test; "
+          f"{FAMILY_NAMES[family]} latents {tuple(ratings.latents.shape[1:])}; loss {settings.train_reward_loss}"
+          f"{' + Bradley-Terry' if compared else ''}{ensemble}")
+    if len(test) < MIN_TEST_RATINGS:
+        print(f"warning: only {len(test)} ratings held out for testing; the test metrics below are unreliable. "
               "Rate more images (or raise train_reward_test_split_ratio).")
-
-    model = LatentRewardModel().to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.train_reward_learning_rate)
     os.makedirs(settings.model_path, exist_ok=True)
     metrics_path = os.path.join(settings.model_path, "reward_metrics.jsonl")
     run_started = time.strftime("%Y-%m-%d %H:%M:%S")
-    best, best_state = None, None
+
+    def log_epoch(record):
+        append_jsonl(metrics_path, {"run": run_started, **record})
+        print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
 
     # ---------------------------------------------------------------- TRAINING
-    for epoch in range(1, settings.train_reward_num_epochs + 1):
-        order = torch.randperm(len(train_y), device=device)
-        epoch_loss = 0.0
-        for start in range(0, len(order), settings.train_reward_batch_size):
-            batch = order[start:start + settings.train_reward_batch_size]
-            x = train_x[batch]  # (b, 4, h/8, w/8)
-            if settings.train_reward_flip_augment:
-                flip = torch.rand(len(batch), device=device) < 0.5
-                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            loss = torch.nn.functional.mse_loss(model(x), train_y[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            epoch_loss += loss.item() * len(batch)
-        record = {"run": run_started, "epoch": epoch, "train_loss": epoch_loss / len(train_y),
-                  **evaluate(model, test_x, test_y, settings.train_reward_batch_size)}
-        append_jsonl(metrics_path, record)
-        print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "run"))
-        selection_loss = record.get("test_loss", record["train_loss"])
-        if best is None or selection_loss <= best["selection_loss"]:
-            best = {"selection_loss": selection_loss, **record}
-            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+    model, best = fit_reward_model(settings, train, test, on_epoch=log_epoch)
 
     # ---------------------------------------------------------------- SAVE the best epoch
-    if not all(torch.isfinite(v).all() for v in best_state.values()):
+    if not all(torch.isfinite(v).all() for v in model.state_dict().values()):
         raise UserError(f"training diverged (the weights became NaN or infinite; train_reward_learning_rate="
                         f"{settings.train_reward_learning_rate} may be too high); {settings.reward_model_path} "
                         "was not written.")
-    model.load_state_dict(best_state)
     save_reward_model(model, settings.reward_model_path, {
         "epoch": best["epoch"], "test_loss": best.get("test_loss"), "test_pearson": best.get("test_pearson"),
-        "latent_shape": list(latents.shape[1:]), "family": family, "num_ratings": len(scores),
-        "score_mean": scores.mean().item(), "score_std": scores.std().item() if len(scores) > 1 else 0.0})
+        "test_spearman": best.get("test_spearman"), "test_comparison_accuracy": best.get("test_comparison_accuracy"),
+        "latent_shape": list(ratings.latents.shape[1:]), "family": family, "num_ratings": len(scores),
+        "num_comparisons": len(ratings.pairs), "loss": settings.train_reward_loss,
+        "ensemble_size": settings.train_reward_ensemble_size,
+        "score_mean": scores.mean().item() if len(scores) else 0.0,
+        "score_std": scores.std().item() if len(scores) > 1 else 0.0})
     plot_path = os.path.join(settings.model_path, "reward_metrics.png")
     plot_curves(plot_path, [r for r in read_jsonl(metrics_path) if r.get("run") == run_started], "epoch",
-                [("MSE loss", ["train_loss", "test_loss"]),
-                 ("test set", ["test_pearson", "test_spearman", "test_pairwise_accuracy"])],
-                f"reward model, {len(scores)} ratings; saved epoch {best['epoch']} (best test loss)")
+                [(f"loss ({settings.train_reward_loss}" + (" + Bradley-Terry)" if len(ratings.pairs) else ")"),
+                  ["train_loss", "test_loss"]),
+                 ("test set", ["test_pearson", "test_spearman", "test_pairwise_accuracy", "test_comparison_accuracy"])],
+                f"reward model, {len(scores)} scores, {len(ratings.pairs)} comparisons; "
+                f"saved epoch {best['epoch']} (best test loss)")
     print(f"saved epoch {best['epoch']} (best test loss) to {settings.reward_model_path}; curves in {plot_path}")
+    order = order_round(settings.sample_path, model, settings.reward_model_path, device)
+    if order:
+        print(order)
     correlation = best.get("test_pearson")
     if correlation is not None and correlation < settings.train_reward_min_correlation:
         print(f"warning: the reward model's test correlation is only {correlation:.2f} "

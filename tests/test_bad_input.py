@@ -157,7 +157,9 @@ def test_train_reward_skips_and_counts_an_entry_whose_image_is_gone(runs):
     assert "skipped 1 " in result.stdout
     assert f"{len(ROUND)} ratings" in result.stdout
     assert (folder / "models" / "reward_model.safetensors").is_file()
-    assert {k: v for k, v in after.items() if k.startswith("samples")} == before  # the ratings are untouched
+    # the ratings are untouched; the only new file is the order train_reward suggests for rating the round
+    assert {k: v for k, v in after.items() if k.startswith("samples") and k != "samples/rating_order.json"} == before
+    assert "samples/rating_order.json" in after
 
 
 # ---------------------------------------------------------------- the variants, in-process

@@ -30,6 +30,8 @@ def test_fresh_samples_score_higher_after_two_rounds_by_half_a_standard_deviatio
     assert [r["lora_epochs"] for r in summary["rounds"]] == [0, demo.POLICY_EPOCHS_PER_ROUND, 2 * demo.POLICY_EPOCHS_PER_ROUND]
     assert last["score_mean"] - first["score_mean"] >= demo.REQUIRED_RISE * first["score_std"], summary["rounds"]
     assert summary["learned"]
+    # with half the ratings the demo used before the reward ensemble (all 96 images of each round)
+    assert summary["ratings_used"] <= demo.ROUNDS * demo.DEMO_SETTINGS["generate_sample_size"] // 2
 
 
 @pytest.mark.slow

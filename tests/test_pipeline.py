@@ -172,7 +172,7 @@ def test_train_reward_learns_the_rule_the_rater_applied(reward_model, rated_roun
     with safe_open(str(path), "pt") as f:
         metadata = json.loads(f.metadata()["almostperfect"])
     # held-out ratings, so this is learning, not memorising
-    assert metadata["test_loss"] < 0.5 * variance, result.stdout
+    assert metadata["test_spearman"] > 0.8, result.stdout
     with open(path.parent / "reward_metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
     assert [r["epoch"] for r in records] == list(range(1, REWARD_EPOCHS + 1))

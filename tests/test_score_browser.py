@@ -222,3 +222,127 @@ def test_images_far_below_are_not_loaded_until_scrolled_to(page, tmp_path):
         page.locator(".tile").last.scroll_into_view_if_needed()
         page.wait_for_function("document.querySelector('.tile:last-child img').complete")
         assert any(url.endswith("/images/239.png") for url in requested)
+
+
+# ---------------------------------------------------------------- comparing pairs, and the order option
+
+def shown_pair(page):
+    """(a, b): the files of the left and right image in the comparison view, once the first pair has come."""
+    page.wait_for_function("document.getElementById('compare-image-b').getAttribute('src') !== null")
+    sources = [page.locator(f"#compare-image-{side}").get_attribute("src") for side in ("a", "b")]
+    return tuple(source.removeprefix("images/") for source in sources)
+
+
+def expect_new_pair(page, previous):
+    page.wait_for_function("(previous) => document.getElementById('compare-image-a').getAttribute('src') + ' ' + "
+                           "document.getElementById('compare-image-b').getAttribute('src') !== previous",
+                           arg=" ".join(f"images/{name}" for name in previous))
+    return shown_pair(page)
+
+
+def test_compare_pairs_with_the_arrow_keys_saved_at_once_and_after_a_reload(page, samples):
+    comparisons_path = samples / "comparisons.json"
+    with serving(samples, samples / "scores.json") as url:
+        page.goto(url)
+        expect(page.locator("#counter")).to_have_text("6 loaded / 0 scored")
+        page.keyboard.press("c")
+        expect(page.locator("#compare")).to_be_visible()
+        expect(page.locator("#compare-count")).to_have_text("0 comparisons saved")
+        first = shown_pair(page)
+        assert first[0] != first[1] and {f"{s}.png" for s in SEEDS} >= set(first)
+        expect(page.locator("#compare-seed-a")).to_have_text(f"seed {first[0].removesuffix('.png')}")
+        page.wait_for_function("document.getElementById('compare-image-b').naturalWidth > 0")
+        screenshot(page, "score_compare.png")
+
+        page.keyboard.press("ArrowLeft")  # the left one is better
+        on_disk = [{"a": first[0], "b": first[1], "winner": "a"}]
+        expect_on_disk(comparisons_path, on_disk)
+        second = expect_new_pair(page, first)
+        page.keyboard.press("ArrowRight")
+        on_disk.append({"a": second[0], "b": second[1], "winner": "b"})
+        expect_on_disk(comparisons_path, on_disk)
+        third = expect_new_pair(page, second)
+        page.keyboard.press("ArrowDown")  # about the same
+        on_disk.append({"a": third[0], "b": third[1], "winner": "tie"})
+        expect_on_disk(comparisons_path, on_disk)
+        expect(page.locator("#compare-count")).to_have_text("3 comparisons saved")
+        assert len({frozenset(p) for p in (first, second, third)}) == 3, "a pair was asked twice"
+        page.keyboard.press("Escape")
+        expect(page.locator("#compare")).to_be_hidden()
+        expect(page.locator("#save-status")).to_have_text("All changes saved")
+
+        page.reload()
+        page.click("#compare-open")
+        expect(page.locator("#compare-count")).to_have_text("3 comparisons saved")
+        pair = shown_pair(page)
+        for _ in range(12):  # 6 images make 15 pairs; each is asked once, then the view says there are none left
+            assert frozenset(pair) not in {frozenset((c["a"], c["b"])) for c in on_disk}
+            page.keyboard.press("ArrowDown")
+            on_disk.append({"a": pair[0], "b": pair[1], "winner": "tie"})
+            expect(page.locator("#compare-count")).to_have_text(f"{len(on_disk)} comparisons saved")
+            if len(on_disk) < 15:
+                pair = expect_new_pair(page, pair)
+        expect(page.locator("#compare-done")).to_be_visible()
+        page.keyboard.press("ArrowLeft")  # nothing to answer: nothing is saved
+        expect(page.locator("#save-status")).to_have_text("All changes saved")
+    assert read_json(comparisons_path) == on_disk
+    assert not (samples / "scores.json").exists(), "comparing wrote scores"
+
+
+def test_a_refused_comparison_is_shown_and_nothing_is_saved(page, samples):
+    with serving(samples, samples / "scores.json") as url:
+        page.goto(url)
+        expect(page.locator("#counter")).to_have_text("6 loaded / 0 scored")  # the page's keys are ready
+        page.keyboard.press("c")
+        a, _ = shown_pair(page)
+        os.remove(samples / a)  # gone from the round after the pair was shown
+        page.keyboard.press("ArrowLeft")
+        expect(page.locator("#save-status")).to_contain_text(f"Not saved: '{a}' is not an image of this round")
+    assert not (samples / "comparisons.json").exists()
+
+
+def write_order(folder, stds):
+    """rating_order.json as train_reward writes it, with these stds {seed: std}; most informative first."""
+    entries = [{"file": f"{seed}.png", "mean": 0.0, "std": std, "members": [-std, std]} for seed, std in stds.items()]
+    write_json(folder / "rating_order.json", {"reward_model": "models/reward_model.safetensors", "ensemble_size": 2,
+                                              "images": sorted(entries, key=lambda e: -e["std"])})
+
+
+def grid_seeds(page):
+    return [int(tile.get_attribute("title").removeprefix("seed ")) for tile in page.locator(".tile").all()]
+
+
+def test_most_informative_first_orders_the_grid_and_the_keys_and_survives_a_reload(page, samples):
+    write_order(samples, {3: 0.1, 8: 0.5, 15: 0.05, 21: 0.9, 42: 0.3})  # 77.png has no saved latent: last
+    write_json(samples / "scores.json", {"21.png": 3})
+    with serving(samples, samples / "scores.json") as url:
+        page.goto(url)
+        expect(page.locator(".tile")).to_have_count(len(SEEDS))
+        expect(page.locator("#order")).to_have_value("seed")
+        assert grid_seeds(page) == SEEDS
+        page.select_option("#order", "informative")
+        assert grid_seeds(page) == [21, 8, 42, 3, 15, 77]
+        page.locator("body").press("Enter")  # the first unscored in this order: 21 is scored, so 8
+        expect_viewer_on(page, 8, 2)
+        page.keyboard.press("Digit2")  # rate and go on, in the chosen order
+        expect_viewer_on(page, 42, 3)
+        expect_on_disk(samples / "scores.json", {"21.png": 3, "8.png": 2})
+        page.keyboard.press("Escape")
+
+        page.reload()
+        expect(page.locator("#order")).to_have_value("informative")
+        expect(page.locator(".tile").first).to_have_attribute("title", "seed 21")
+        assert grid_seeds(page) == [21, 8, 42, 3, 15, 77]
+        assert badges(page) == {"21": "+3", "8": "+2"}
+        page.select_option("#order", "seed")
+        assert grid_seeds(page) == SEEDS
+
+
+def test_without_an_ensemble_the_order_option_says_what_to_do(page, samples):
+    write_order(samples, {seed: 0.0 for seed in SEEDS})  # a single CNN: no disagreement to order by
+    with serving(samples, samples / "scores.json") as url:
+        page.goto(url)
+        expect(page.locator("#order option[value=informative]")).to_be_disabled()
+        expect(page.locator("#order-note")).to_contain_text("--train_reward_ensemble_size")
+        expect(page.locator(".tile")).to_have_count(len(SEEDS))
+        assert grid_seeds(page) == SEEDS

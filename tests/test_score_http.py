@@ -343,3 +343,79 @@ def test_write_json_atomic_replaces_whole_and_leaves_no_temporary_file(tmp_path)
         write_json_atomic(path, {"3.png": object()})  # fails halfway through writing
     assert read_json(path) == {"2.png": -2}
     assert os.listdir(tmp_path) == ["scores.json"]
+
+
+# ---------------------------------------------------------------- comparisons and the next pair
+
+def post_comparison(base_url, body):
+    status, _, answer = request(base_url, "POST", "/api/compare", body)
+    return status, json.loads(answer)
+
+
+def test_comparisons_are_appended_at_once_and_answered_with_a_new_pair(round_folder, server):
+    status, _, body = request(server, "GET", "/api/next_pair")
+    first = json.loads(body)
+    assert status == 200 and first["comparisons"] == 0
+    assert first["a"] != first["b"] and {first["a"], first["b"]} <= {"2.png", "10.png", "33.png"}
+    status, answer = post_comparison(server, {"a": first["a"], "b": first["b"], "winner": "b"})
+    assert status == 200 and answer["saved"] == {"a": first["a"], "b": first["b"], "winner": "b"}
+    assert read_json(round_folder / "comparisons.json") == [answer["saved"]]
+    second = answer["next"]
+    assert second["comparisons"] == 1 and {second["a"], second["b"]} != {first["a"], first["b"]}
+    assert post_comparison(server, {"a": second["a"], "b": second["b"], "winner": "tie"})[0] == 200
+    third = json.loads(request(server, "GET", "/api/next_pair")[2])
+    assert post_comparison(server, {"a": third["a"], "b": third["b"], "winner": "a"})[1]["next"] == {
+        "a": None, "b": None, "comparisons": 3}  # three images make three pairs, each asked once
+    saved = read_json(round_folder / "comparisons.json")
+    assert [c["winner"] for c in saved] == ["b", "tie", "a"]
+    assert {frozenset((c["a"], c["b"])) for c in saved} == {frozenset(p) for p in
+                                                             [("2.png", "10.png"), ("2.png", "33.png"), ("10.png", "33.png")]}
+    assert not (round_folder / "scores.json").exists() and not glob.glob(str(round_folder / ".*tmp"))
+    from train_reward import read_comparisons
+    assert read_comparisons(str(round_folder / "comparisons.json")) == saved
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"a": "2.png", "b": "10.png", "winner": "left"}, 'winner \'left\' is not "a", "b" or "tie"'),
+    ({"a": "2.png", "b": "10.png", "winner": None}, 'is not "a", "b" or "tie"'),
+    ({"a": "2.png", "b": "2.png", "winner": "a"}, "cannot be compared with itself"),
+    ({"a": "7.png", "b": "10.png", "winner": "a"}, "'7.png' is not an image of this round"),  # history/ only
+    ({"a": "2.png", "b": "../secret.png", "winner": "a"}, "not an image of this round"),
+    ({"a": "2.png", "b": 10, "winner": "a"}, "10 is not an image of this round"),
+    ({"a": "2.png", "b": "10.png"}, 'send {"a"'),
+    ({"a": "2.png", "b": "10.png", "winner": "a", "score": 1}, 'send {"a"'),
+    ({"file": "2.png", "score": 1}, 'send {"a"'),
+    (b"a=2.png", "not JSON"),
+    (b"", "1 to 4096 bytes"),
+])
+def test_bad_comparisons_are_refused_and_nothing_is_written(round_folder, server, body, message):
+    assert post_comparison(server, {"a": "2.png", "b": "10.png", "winner": "a"})[0] == 200
+    before = (round_folder / "comparisons.json").read_bytes()
+    status, answer = post_comparison(server, body)
+    assert status == 400
+    assert message in answer["error"]
+    assert (round_folder / "comparisons.json").read_bytes() == before
+
+
+def test_an_invalid_comparisons_json_is_kept_aside_and_the_page_says_so(round_folder):
+    (round_folder / "comparisons.json").write_text('[{"a": "2.png", "b": "2.png", "winner": "a"}]')
+    with serving(round_folder, round_folder / "scores.json") as url:
+        state = json.loads(request(url, "GET", "/api/state")[2])
+        kept = glob.glob(str(round_folder / "comparisons.json.invalid-*"))
+        assert len(kept) == 1 and os.path.basename(kept[0]) in state["notice"]
+        assert state["comparisons"] == 0
+        assert post_comparison(url, {"a": "33.png", "b": "2.png", "winner": "tie"})[0] == 200
+    assert read_json(round_folder / "comparisons.json") == [{"a": "33.png", "b": "2.png", "winner": "tie"}]
+
+
+def test_state_offers_the_informative_order_only_with_an_ensemble(round_folder):
+    entries = [{"file": f, "mean": 0.0, "std": s, "members": [-s, s]} for f, s in [("33.png", 0.4), ("2.png", 0.1)]]
+    write_json(round_folder / "rating_order.json", {"reward_model": "m", "ensemble_size": 2, "images": entries})
+    with serving(round_folder, round_folder / "scores.json") as url:
+        state = json.loads(request(url, "GET", "/api/state")[2])
+    assert state["order"] == ["33.png", "2.png"] and state["order_note"] is None
+    write_json(round_folder / "rating_order.json", {"reward_model": "m", "ensemble_size": 1,
+                                                    "images": [dict(e, std=0.0) for e in entries]})
+    with serving(round_folder, round_folder / "scores.json") as url:
+        state = json.loads(request(url, "GET", "/api/state")[2])
+    assert state["order"] is None and "--train_reward_ensemble_size" in state["order_note"]

@@ -29,7 +29,8 @@ SCHEDULER_TRAINING_STEPS = 1000  # SD1.5's DDIM scheduler has 1000 noise levels;
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # no room on the disk, over the quota, over the size limit
 BOOL_OR_AUTO = {"train_gradient_checkpointing"}  # True, False or "auto"
 # A file inside a folder setting follows that folder when only the folder is overridden on the command line.
-FOLLOWS = {"score_path": ("sample_path", "scores.json"), "reward_model_path": ("model_path", "reward_model.safetensors")}
+FOLLOWS = {"score_path": ("sample_path", "scores.json"), "comparison_path": ("sample_path", "comparisons.json"),
+           "reward_model_path": ("model_path", "reward_model.safetensors")}
 
 
 def defaults():
@@ -118,6 +119,7 @@ def stage_paths(folder, checkpoint=None):
         "checkpoint_path": str(checkpoint or os.path.join(folder, "models", "checkpoint")),
         "sample_path": os.path.join(folder, "samples", ""),
         "score_path": os.path.join(folder, "samples", "scores.json"),
+        "comparison_path": os.path.join(folder, "samples", "comparisons.json"),
         "model_path": os.path.join(folder, "models", ""),
         "reward_model_path": os.path.join(folder, "models", "reward_model.safetensors"),
         "lora_path": os.path.join(folder, "outputs", ""),
@@ -169,7 +171,7 @@ def validate_settings(s, num_processes=1):
             f"score_path {s.score_path!r} must be a file directly in sample_path {s.sample_path!r}: a round's ratings "
             f"move to history/ with its images, and a scores.json elsewhere would be left behind.")
     for name in ("generate_sample_size", "generate_batch_size", "num_inference_steps", "train_reward_num_epochs",
-                 "train_reward_batch_size", "train_policy_num_epochs", "train_save_freq", "train_sample_batch_size",
+                 "train_reward_batch_size", "train_reward_ensemble_size", "train_policy_num_epochs", "train_save_freq", "train_sample_batch_size",
                  "train_sample_num_batches_per_epoch", "train_policy_batch_size", "train_optimizer_steps_per_epoch",
                  "lora_rank"):
         if getattr(s, name) < 1:
@@ -192,6 +194,8 @@ def validate_settings(s, num_processes=1):
         raise SettingsError(f"train_timestep_fraction must be in (0, 1] (got {s.train_timestep_fraction}).")
     if not 0 <= s.train_reward_test_split_ratio < 1:
         raise SettingsError(f"train_reward_test_split_ratio must be in [0, 1) (got {s.train_reward_test_split_ratio}).")
+    if s.train_reward_loss not in ("mse", "ranking"):
+        raise SettingsError(f"train_reward_loss must be 'mse' or 'ranking' (got {s.train_reward_loss!r}).")
     if s.train_clip_range <= 0 or s.train_adv_clip_max <= 0:
         raise SettingsError("train_clip_range and train_adv_clip_max must be > 0.")
     if s.mixed_precision not in ("auto", "fp16", "bf16", "no"):

@@ -33,6 +33,27 @@ class LatentRewardModel(nn.Module):
         return self.head(self.features(latents.float())).squeeze(-1)
 
 
+class RewardEnsemble(nn.Module):
+    """Several LatentRewardModels trained alike from different starts: their mean is the score, their
+    disagreement (std across members) says where more ratings would teach the model most."""
+
+    def __init__(self, members):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def member_scores(self, latents):
+        """(batch, 4, h/8, w/8) -> (members, batch)."""
+        return torch.stack([member(latents) for member in self.members])
+
+    def forward(self, latents):
+        return self.member_scores(latents).mean(0)
+
+
+def member_scores(model, latents):
+    """(members, batch) scores of a reward model or ensemble; a single model is one member."""
+    return model.member_scores(latents) if isinstance(model, RewardEnsemble) else model(latents)[None]
+
+
 def save_reward_model(model, path, metadata):
     """Weights as safetensors (no pickle), `metadata` (JSON-able) in the file's header; temp file + rename."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -80,14 +101,19 @@ def check_family(path, family, latents_of):
 
 
 def load_reward_model(path, device="cpu"):
-    """The frozen reward model saved at `path`, in eval mode on `device`; UserError if it is not one."""
+    """The frozen reward model saved at `path`, in eval mode on `device`: (b, 4, h/8, w/8) -> (b,) scores.
+
+    A file saved from an ensemble (keys "members.<i>.…") loads as the RewardEnsemble, whose score is the mean.
+    UserError if the file is not one.
+    """
     if not os.path.isfile(path):
         raise UserError(f"no reward model at {path}: train one first with `python train_reward.py`.")
-    model = LatentRewardModel()
     try:
         state = load_file(path)
     except (SafetensorError, OSError) as error:  # truncated, garbage, a pickle (.pt) or another format
         raise _unreadable(path, f"not a safetensors file ({error})") from None
+    size = len({key.split(".")[1] for key in state if key.startswith("members.")})
+    model = RewardEnsemble([LatentRewardModel() for _ in range(size)]) if size else LatentRewardModel()
     try:
         model.load_state_dict(state)
     except RuntimeError:  # other keys or shapes: another model's weights

@@ -5,9 +5,14 @@ that the policy then makes more of what the rule likes. Scores are the rule's va
 doubled, rounded and clipped to -5..5, in exactly the format the rating page writes
 ({"<seed>.png": int}). Standardised over the round itself by default; with a `calibration` (the
 mean and std of an earlier round's values) a value always gets the same score, so rounds compare.
+
+benchmark_ratings.py needs raters with other tastes (TASTES: a value per image, higher = liked
+more) who rate as people do (NoisyRater): a point of jitter, now and then a rating that is not
+what they think at all, and comparisons ("a", "b" or "tie") from the same noisy judgement.
 """
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -32,6 +37,37 @@ def scores_from_values(values, calibration=None):
             for name, value in values.items()}
 
 
+def _grey(rgb):
+    return rgb @ np.array([0.299, 0.587, 0.114])  # (h, w): ITU-R 601 luma, as PIL's convert("L")
+
+
+def _saturation(rgb):
+    high, low = rgb.max(-1), rgb.min(-1)
+    return np.where(high > 0, (high - low) / np.maximum(high, 1e-9), 0.0)  # (h, w) in 0..1, HSV's S
+
+
+# taste name -> value of an (h, w, 3) float RGB array in 0..255; every one is unchanged by a left-right
+# mirror, because train_reward's flip augmentation (on by default) teaches that a mirrored image rates the same
+TASTES = {
+    "brightness": lambda rgb: _grey(rgb).mean(),
+    "redness": lambda rgb: (rgb[..., 0] - rgb[..., 1:].mean(-1)).mean(),
+    "contrast": lambda rgb: _grey(rgb).std(),
+    "saturation": lambda rgb: _saturation(rgb).mean(),
+    "top_heavy": lambda rgb: (lambda g: g[: len(g) // 2].mean() - g[len(g) // 2:].mean())(_grey(rgb)),
+}
+
+
+def taste_values(sample_folder, tastes=("brightness",), names=None):
+    """{taste: {name: value}} of the round's images (or `names`), each image read once."""
+    values = {taste: {} for taste in tastes}
+    for name in names if names is not None else round_images(sample_folder):
+        with Image.open(os.path.join(sample_folder, name)) as image:
+            rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
+        for taste in tastes:
+            values[taste][name] = float(TASTES[taste](rgb))
+    return values
+
+
 def brightness_values(sample_folder):
     """{name: mean grey level 0..255} of the round's images."""
     values = {}
@@ -39,6 +75,35 @@ def brightness_values(sample_folder):
         with Image.open(os.path.join(sample_folder, name)) as image:
             values[name] = float(np.asarray(image.convert("L"), dtype=np.float64).mean())
     return values
+
+
+@dataclass
+class NoisyRater:
+    """Rates as a person does: the rule's score (scores_from_values with `calibration`) plus a point of jitter
+    (-1, 0 or +1 with probabilities 1/4, 1/2, 1/4), and with probability `inconsistency` any score at all.
+
+    A comparison is the same noisy judgement of both images: "tie" when the noisy scores are equal,
+    and with probability `inconsistency` any of the three answers.
+    """
+    calibration: dict
+    rng: np.random.Generator
+    inconsistency: float = 0.05
+
+    def _judged(self, value):
+        score = 2 * (value - self.calibration["mean"]) / self.calibration["std"] + self.rng.choice([-1, 0, 0, 1])
+        return int(np.clip(np.rint(score), MIN_SCORE, MAX_SCORE))
+
+    def scores(self, values):
+        """{name: value} -> {name: int -5..5}"""
+        return {name: int(self.rng.integers(MIN_SCORE, MAX_SCORE + 1)) if self.rng.random() < self.inconsistency
+                else self._judged(value) for name, value in values.items()}
+
+    def compare(self, value_a, value_b):
+        """"a" if a looks better, "b" if b does, "tie" if they look about the same."""
+        if self.rng.random() < self.inconsistency:
+            return str(self.rng.choice(["a", "b", "tie"]))
+        score_a, score_b = self._judged(value_a), self._judged(value_b)
+        return "a" if score_a > score_b else "b" if score_b > score_a else "tie"
 
 
 def rate_by_latent_channel(sample_folder, channel=0, score_path=None):

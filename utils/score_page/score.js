@@ -1,13 +1,19 @@
-// The rating page: a grid of the round's images and a full-screen view to score them.
-// Every change is POSTed to score.py, which writes samples/scores.json before it answers.
+// The rating page: a grid of the round's images and a full-screen view to score them, or two images
+// side by side to compare. Every change is POSTed to score.py, which writes samples/scores.json (or
+// samples/comparisons.json) before it answers.
 "use strict";
 
 const MIN_SCORE = -5;
 const MAX_SCORE = 5;
+const ORDER_KEY = "almostperfect-order"; // the chosen order survives a reload
 const $ = (id) => document.getElementById(id);
 
-let images = [];      // [{file, score (null = unscored), prompt, seed, lora, width, height}], in seed order
+let images = [];      // [{file, score (null = unscored), prompt, seed, lora, width, height, seedIndex}], in the chosen order
 let tiles = [];       // the grid's buttons, in the same order
+let informativeOrder = null; // files, most informative first (from the reward ensemble), or null when there is none
+let pair = null;      // {a, b}: the two files being compared; null while the comparison view is closed or empty
+let comparing = false;
+let comparePending = false; // one comparison at a time: the next pair depends on the answer
 let current = null;   // index of the image in the full-screen view; null while the grid shows
 let pendingSaves = 0;
 let saveError = null; // stays shown: a lost change matters more than the saves after it
@@ -24,6 +30,8 @@ async function start() {
     return;
   }
   images = state.images;
+  images.forEach((image, index) => { image.seedIndex = index; });
+  informativeOrder = state.order;
   if (state.notice) {
     $("notice").textContent = state.notice;
     $("notice").hidden = false;
@@ -37,11 +45,18 @@ async function start() {
   }
   buildGrid();
   buildScale();
+  setUpOrder(state.order_note);
+  $("compare-count").textContent = comparisonCount(state.comparisons);
   $("help").hidden = false;
   $("only-unscored").addEventListener("change", applyFilter);
   $("vote-up").addEventListener("click", () => changeScore(current, +1));
   $("vote-down").addEventListener("click", () => changeScore(current, -1));
   $("viewer-close").addEventListener("click", closeViewer);
+  $("compare-open").addEventListener("click", openCompare);
+  $("compare-close").addEventListener("click", closeCompare);
+  $("compare-a").addEventListener("click", () => compare("a"));
+  $("compare-b").addEventListener("click", () => compare("b"));
+  $("compare-tie").addEventListener("click", () => compare("tie"));
   document.addEventListener("keydown", onKey);
   updateCounts();
   showStatus("All changes saved", "saved");
@@ -50,7 +65,7 @@ async function start() {
 // ---------------------------------------------------------------- grid
 
 function buildGrid() {
-  tiles = images.map((image, index) => {
+  tiles = images.map((image) => {
     const tile = document.createElement("button");
     tile.className = "tile";
     // a size before the image loads keeps lazy loading lazy: zero-height tiles would all be "visible"
@@ -63,7 +78,7 @@ function buildGrid() {
     const badge = document.createElement("span");
     badge.className = "badge";
     tile.append(picture, badge);
-    tile.addEventListener("click", () => openViewer(index));
+    tile.addEventListener("click", () => openViewer(tiles.indexOf(tile))); // the order can change
     $("grid").append(tile);
     return tile;
   });
@@ -103,6 +118,33 @@ function formatScore(score) {
 
 function signClass(score) {
   return score === null ? "unscored" : score > 0 ? "positive" : score < 0 ? "negative" : "neutral";
+}
+
+// ---------------------------------------------------------------- order: seed order or most informative first
+
+function setUpOrder(note) {
+  const select = $("order");
+  select.querySelector('option[value="informative"]').disabled = informativeOrder === null;
+  if (informativeOrder === null) {
+    select.title = `most informative first: ${note}`;
+    $("order-note").textContent = `“Most informative first” needs a reward ensemble: ${note}.`;
+  }
+  select.value = informativeOrder !== null && localStorage.getItem(ORDER_KEY) === "informative" ? "informative" : "seed";
+  select.addEventListener("change", () => {
+    localStorage.setItem(ORDER_KEY, select.value);
+    applyOrder();
+  });
+  applyOrder();
+}
+
+// Reorder images and tiles together (the most informative first, the rest after them in seed order).
+function applyOrder() {
+  const rank = new Map($("order").value === "informative" ? informativeOrder.map((file, i) => [file, i]) : []);
+  const position = (image) => rank.get(image.file) ?? rank.size + image.seedIndex;
+  const order = images.map((image, i) => i).sort((i, j) => position(images[i]) - position(images[j]));
+  images = order.map((i) => images[i]);
+  tiles = order.map((i) => tiles[i]);
+  $("grid").append(...tiles);
 }
 
 // ---------------------------------------------------------------- scores
@@ -243,6 +285,10 @@ function digitOf(code) {
 
 function onKey(event) {
   if (event.ctrlKey || event.metaKey || event.altKey) return; // the browser's own shortcuts
+  if (comparing) {
+    onCompareKey(event);
+    return;
+  }
   if (current === null) {
     onGridKey(event);
     return;
@@ -262,9 +308,94 @@ function onKey(event) {
 }
 
 function onGridKey(event) {
-  const onControl = event.target.closest("button, input, a"); // Enter there means that control
+  if (event.key === "c" || event.key === "C") {
+    openCompare();
+    event.preventDefault();
+    return;
+  }
+  const onControl = event.target.closest("button, input, a, select"); // Enter there means that control
   if (event.key !== "Enter" || onControl) return;
   const first = images.findIndex((image) => image.score === null);
   openViewer(first === -1 ? 0 : first);
+  event.preventDefault();
+}
+
+// ---------------------------------------------------------------- comparing two images
+
+async function openCompare() {
+  comparing = true;
+  $("compare").hidden = false;
+  document.body.classList.add("viewing");
+  $("compare").focus();
+  try {
+    const response = await fetch("api/next_pair");
+    showPair(await response.json());
+  } catch (error) {
+    saveError = `Cannot get a pair to compare (${error.message}); is score.py still running?`;
+    showSaveState();
+  }
+}
+
+function closeCompare() {
+  comparing = false;
+  pair = null;
+  $("compare").hidden = true;
+  document.body.classList.remove("viewing");
+}
+
+function comparisonCount(count) {
+  return `${count} comparison${count === 1 ? "" : "s"} saved`;
+}
+
+// next: {a, b, comparisons} from score.py; a is null when no pair is left
+function showPair(next) {
+  $("compare-count").textContent = comparisonCount(next.comparisons);
+  pair = next.a === null ? null : next;
+  $("compare-pair").hidden = pair === null;
+  $("compare-done").hidden = pair !== null;
+  if (pair === null) return;
+  for (const side of ["a", "b"]) {
+    const image = images.find((candidate) => candidate.file === pair[side]);
+    $(`compare-image-${side}`).src = imageUrl({ file: pair[side] });
+    $(`compare-image-${side}`).alt = `seed ${image ? image.seed : pair[side]}`;
+    $(`compare-seed-${side}`).textContent = `seed ${image ? image.seed : pair[side]}`;
+  }
+}
+
+// winner: "a" (left), "b" (right) or "tie"; saved by score.py, which answers with the next pair
+async function compare(winner) {
+  if (pair === null || comparePending) return;
+  comparePending = true;
+  pendingSaves += 1;
+  showSaveState();
+  try {
+    let response;
+    try {
+      response = await fetch("api/compare", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ a: pair.a, b: pair.b, winner }),
+      });
+    } catch (error) {
+      throw new Error(`score.py does not answer (${error.message}); is it still running?`);
+    }
+    const answer = await response.json();
+    if (!response.ok) throw new Error(answer.error);
+    if (comparing) showPair(answer.next);
+  } catch (error) {
+    saveError = `Not saved: ${error.message}. Reload the page to see what is saved.`;
+  } finally {
+    comparePending = false;
+    pendingSaves -= 1;
+    showSaveState();
+  }
+}
+
+function onCompareKey(event) {
+  if (event.key === "Escape") closeCompare();
+  else if (event.key === "ArrowLeft") compare("a");
+  else if (event.key === "ArrowRight") compare("b");
+  else if (event.key === "ArrowDown") compare("tie");
+  else return;
   event.preventDefault();
 }

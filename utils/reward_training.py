@@ -1,0 +1,198 @@
+"""How the reward CNN learns from ratings: the losses, the train/test split and the training loop.
+
+train_reward.py calls `fit_reward_model` on the ratings it read; benchmark_ratings.py calls the same
+function on a scripted rater's ratings, so what the benchmark measures is what train_reward does.
+
+A person's ratings are of two kinds, and one model learns from both together:
+  scores       an image's score -5..5 (samples/scores.json): MSE on the score (the seed's loss), or a
+               ranking loss that only asks the model to order each batch's images as their scores do;
+  comparisons  "a is better than b" or "about the same" (samples/comparisons.json): Bradley–Terry,
+               P(a better than b) = sigmoid(r_a - r_b), with "about the same" as probability 0.5.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from utils.metrics import pairwise_accuracy, pearson, spearman
+from utils.reward_model import LatentRewardModel, RewardEnsemble
+
+OUTCOMES = {"a": 1.0, "b": 0.0, "tie": 0.5}  # a comparison's winner -> P(a is better than b)
+
+
+@dataclass
+class Ratings:
+    """Everything a person said about a set of images; scores and comparisons index into `latents`."""
+    latents: torch.Tensor  # (n, 4, h/8, w/8) every scored or compared image
+    scored: torch.Tensor  # (s,) long: which latents have a score
+    scores: torch.Tensor  # (s,) float, -5..5
+    pairs: torch.Tensor  # (c, 2) long: the latents (a, b) of each comparison
+    outcomes: torch.Tensor  # (c,) float: 1 = a better, 0 = b better, 0.5 = about the same
+
+    @staticmethod
+    def of_scores(latents, scores):
+        """Scores only, one per latent: (n, 4, h/8, w/8), (n,)."""
+        return Ratings(latents, torch.arange(len(scores)), scores.float(), torch.zeros(0, 2, dtype=torch.long),
+                       torch.zeros(0))
+
+    def subset(self, score_rows, pair_rows):
+        return Ratings(self.latents, self.scored[score_rows], self.scores[score_rows], self.pairs[pair_rows],
+                       self.outcomes[pair_rows])
+
+    def to(self, device):
+        return Ratings(*(t.to(device) for t in (self.latents, self.scored, self.scores, self.pairs, self.outcomes)))
+
+    def __len__(self):
+        """How many ratings: a comparison counts as one, as a score does."""
+        return len(self.scores) + len(self.pairs)
+
+
+# ---------------------------------------------------------------- losses
+
+def score_ranking_loss(predicted, scores):
+    """Pairwise logistic loss: mean over pairs with scores_i > scores_j of -log sigmoid(pred_i - pred_j).
+
+    predicted, scores: (b,). Pairs with equal scores say nothing about the order and are left out; a
+    batch without any different scores gives 0 (with a gradient, so it can be summed with other losses).
+    """
+    better = scores[:, None] > scores[None, :]  # (b, b): row i beats column j
+    if not better.any():
+        return predicted.sum() * 0.0
+    margins = predicted[:, None] - predicted[None, :]  # (b, b)
+    return F.softplus(-margins[better]).mean()
+
+
+def bradley_terry_loss(reward_a, reward_b, outcomes):
+    """Bradley–Terry: cross-entropy of sigmoid(r_a - r_b) against P(a better) = 1, 0 or 0.5 (a tie). All (c,)."""
+    return F.binary_cross_entropy_with_logits(reward_a - reward_b, outcomes)
+
+
+def score_loss(name, predicted, scores):
+    return F.mse_loss(predicted, scores) if name == "mse" else score_ranking_loss(predicted, scores)
+
+
+# ---------------------------------------------------------------- split and evaluation
+
+def split_indices(n, ratio, seed=0):
+    """Indices (train, test), shuffled with a fixed seed so every run holds out the same ratings."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_test = math.ceil(n * ratio) if ratio > 0 and n > 1 else 0
+    return order[n_test:], order[:n_test]
+
+
+def split_ratings(ratings, ratio):
+    """(train, test) Ratings: `ratio` of the scores, and of the comparisons, held out (fixed shuffles)."""
+    score_train, score_test = split_indices(len(ratings.scores), ratio, seed=0)
+    pair_train, pair_test = split_indices(len(ratings.pairs), ratio, seed=1)
+    return ratings.subset(score_train, pair_train), ratings.subset(score_test, pair_test)
+
+
+@torch.no_grad()
+def predict(model, latents, batch_size):
+    """(n, 4, h/8, w/8) -> (n,) scores, in batches, in eval mode."""
+    was_training = model.training
+    model.eval()
+    predicted = torch.cat([model(latents[i:i + batch_size]) for i in range(0, len(latents), batch_size)])
+    model.train(was_training)
+    return predicted
+
+
+def comparison_accuracy(predicted, pairs, outcomes):
+    """Share of comparisons with a winner that `predicted` (n,) orders the same way; None without any."""
+    decided = outcomes != 0.5
+    if not decided.any():
+        return None
+    a_better = predicted[pairs[decided, 0]] > predicted[pairs[decided, 1]]
+    return (a_better == (outcomes[decided] == 1.0)).double().mean().item()
+
+
+@torch.no_grad()
+def evaluate(model, ratings, loss_name, batch_size):
+    """Test loss (the training objective) and agreement with the held-out ratings; {} if none are held out."""
+    if len(ratings) == 0:
+        return {}
+    used = torch.unique(torch.cat([ratings.scored, ratings.pairs.reshape(-1)]))  # the held-out images only
+    predicted = torch.zeros(len(ratings.latents), device=ratings.latents.device)
+    predicted[used] = predict(model, ratings.latents[used], batch_size)  # (n,), 0 where not held out
+    record = {"test_loss": objective(loss_name, predicted[ratings.scored], ratings.scores,
+                                     predicted[ratings.pairs], ratings.outcomes).item()}
+    if len(ratings.scores):
+        on_scored = predicted[ratings.scored]
+        record |= {"test_pearson": pearson(on_scored, ratings.scores), "test_spearman": spearman(on_scored, ratings.scores),
+                   "test_pairwise_accuracy": pairwise_accuracy(on_scored, ratings.scores)}
+    if len(ratings.pairs):
+        record["test_comparison_accuracy"] = comparison_accuracy(predicted, ratings.pairs, ratings.outcomes)
+    return record
+
+
+def objective(loss_name, predicted, scores, rewards, outcomes):
+    """The training loss: the score loss on the scored images (predicted, scores: (s,)) plus Bradley–Terry
+    on the comparisons (rewards: (c, 2) of a and b, outcomes: (c,)). A part with nothing in it is left out."""
+    parts = []
+    if len(scores):
+        parts.append(score_loss(loss_name, predicted, scores))
+    if len(outcomes):
+        parts.append(bradley_terry_loss(rewards[:, 0], rewards[:, 1], outcomes))
+    return sum(parts)
+
+
+# ---------------------------------------------------------------- training
+
+def flipped(x, enabled):
+    """Each latent (b, 4, h/8, w/8) mirrored left-right with probability 1/2: a mirrored image is rated the same."""
+    if not enabled:
+        return x
+    flip = torch.rand(len(x), device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def train_one_epoch(model, optimizer, train, settings):
+    """One pass over the training ratings; returns the mean loss per rating."""
+    device, batch_size = train.latents.device, settings.train_reward_batch_size
+    score_order = torch.randperm(len(train.scores), device=device)
+    pair_order = torch.randperm(len(train.pairs), device=device) if len(train.pairs) else None
+    steps = max(math.ceil(len(train.scores) / batch_size), math.ceil(len(train.pairs) / batch_size))
+    augment = settings.train_reward_flip_augment
+    total = 0.0
+    for step in range(steps):
+        rows = score_order[step * batch_size:(step + 1) * batch_size]
+        pair_rows = pair_order[step * batch_size:(step + 1) * batch_size] if pair_order is not None else rows[:0]
+        predicted = model(flipped(train.latents[train.scored[rows]], augment)) if len(rows) else None  # (b,)
+        pairs = train.pairs[pair_rows]  # (c, 2)
+        rewards = model(flipped(train.latents[pairs.reshape(-1)], augment)).reshape(-1, 2) if len(pairs) else None
+        loss = objective(settings.train_reward_loss, predicted, train.scores[rows], rewards, train.outcomes[pair_rows])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * (len(rows) + len(pairs))
+    return total / max(len(train), 1)
+
+
+def fit_reward_model(settings, train, test, on_epoch=None):
+    """Train the reward model on `train` Ratings and return (model at its best epoch, that epoch's record).
+
+    Uses the settings train_reward_num_epochs, _batch_size, _learning_rate, _loss, _flip_augment and
+    _ensemble_size: that many CNNs from different random starts, each with its own AdamW and shuffles,
+    saved together (the RewardEnsemble) when more than one. The best epoch is the one with the lowest
+    test loss of the ensemble's mean (the train loss when nothing is held out). `on_epoch(record)` is
+    called after every epoch (train_reward logs and prints there).
+    """
+    device = train.latents.device
+    members = [LatentRewardModel().to(device) for _ in range(settings.train_reward_ensemble_size)]
+    model = members[0] if len(members) == 1 else RewardEnsemble(members)
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=settings.train_reward_learning_rate) for m in members]
+    best, best_state = None, None
+    for epoch in range(1, settings.train_reward_num_epochs + 1):
+        train_loss = sum(train_one_epoch(m, o, train, settings) for m, o in zip(members, optimizers)) / len(members)
+        record = {"epoch": epoch, "train_loss": train_loss,
+                  **evaluate(model, test, settings.train_reward_loss, settings.train_reward_batch_size)}
+        if on_epoch:
+            on_epoch(record)
+        selection_loss = record.get("test_loss", record["train_loss"])
+        if best is None or selection_loss <= best["selection_loss"]:
+            best = {"selection_loss": selection_loss, **record}
+            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    return model, best
