@@ -11,7 +11,7 @@ is trained with train_reward's own code (utils/reward_training.fit_reward_model)
 pool of images, and measured on held-out images against the rater's noiseless taste: Spearman correlation and
 pairwise accuracy, mean and spread (std) over seeds. A comparison counts as one rating, as a score does.
 
-Methods (`baseline` is the seed's train_reward, `recommended` config.py's defaults):
+Methods (`baseline` is the seed's train_reward, `recommended` the settings README recommends for few ratings):
   baseline      random images, scores; MSE, one CNN, batches of 100: the seed's settings
   ranking       the baseline with the ranking loss on scores instead of MSE
   ensemble      the baseline with an ensemble of 4 CNNs (their mean is the reward)
