@@ -74,7 +74,7 @@ def test_a_broken_latent_names_its_file(rated, break_file):
     with open(path, "wb") as f:
         f.write(break_file(good))
     with pytest.raises(UserError) as refusal:
-        train_reward.load_pairs(settings, "cpu")
+        train_reward.load_ratings(settings, "cpu")
     one_sentence(refusal, path, "move it away")
 
 
@@ -96,7 +96,7 @@ def test_latents_too_small_for_the_reward_model_are_refused(tmp_path):
     (samples / "scores.json").write_text(json.dumps({f"{seed}.png": 1 for seed in SEEDS}))
     settings = parse_settings([f"--sample_path={samples}", "--device=cpu"], train_reward.USED_SETTINGS)
     with pytest.raises(UserError) as refusal:
-        train_reward.load_pairs(settings, "cpu")
+        train_reward.load_ratings(settings, "cpu")
     one_sentence(refusal, "7x7", "8x8")
 
 
@@ -108,7 +108,7 @@ def test_a_broken_png_without_a_latent_names_its_file(rated, break_file, tiny_ch
     good = (samples / "4.png").read_bytes()
     (samples / "4.png").write_bytes(break_file(good))
     with pytest.raises(UserError) as refusal:
-        train_reward.load_pairs(settings, "cpu")
+        train_reward.load_ratings(settings, "cpu")
     one_sentence(refusal, samples / "4.png", "no saved latent")
 
 
@@ -123,8 +123,8 @@ def test_ratings_naming_files_outside_the_round_are_skipped(rated, tmp_path, cap
     scores = json.loads((samples / "scores.json").read_text())
     scores.update({"../outside/9.png": 5, str(outside / "9.png"): 5, "latents/1.png": 5, "7.png": 5, "..": 5})
     (samples / "scores.json").write_text(json.dumps(scores))
-    latents, values, _ = train_reward.load_pairs(settings, "cpu")
-    assert len(values) == len(SEEDS) and not (values == 5).any()
+    _, ratings = train_reward.load_ratings(settings, "cpu")
+    assert len(ratings.scores) == len(SEEDS) and not (ratings.scores == 5).any()
     out = capsys.readouterr().out
     assert "skipped 4 entries" in out and "name no file of its round" in out
     assert "skipped 1 rated entries whose image is not in their round's folder" in out
