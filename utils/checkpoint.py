@@ -206,6 +206,8 @@ def file_family(path):
     model_type = infer_diffusers_model_type({k: torch.empty(s, device="meta") for k, s in shapes.items()})
     if model_type == "v1" and has("cond_stage_model.model."):
         model_type = "v2"  # an OpenCLIP text encoder is SD2's, whatever the UNet's widths
+    if model_type == "v1" and has("conditioner.embedders.1.model."):
+        model_type = "xl_base"  # diffusers looks for the second text encoder's 10th layer; any depth is SDXL's
     if model_type in OTHER_FAMILIES:
         raise UserError(f"{path} is {OTHER_FAMILIES[model_type]}; use an SD1.x or SDXL base checkpoint.")
     if model_type == "xl_base":
