@@ -51,6 +51,20 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 SHEET_IMAGES = 48  # the contact sheet shows all images up to this many, else the best and worst halves
 
 
+def read_rating_file(path, format_problem, again):
+    """The checked JSON of a scores.json or comparisons.json; UserError naming the file (and entry) if it is bad."""
+    try:
+        data = read_json(path)
+    except ValueError as error:  # not JSON, not UTF-8, or nested too deeply
+        raise UserError(f"{path} is not valid JSON ({error}); fix it or {again} with `python score.py`.") from None
+    except OSError as error:
+        raise UserError(f"cannot read {path} ({error.strerror}); check its permissions.") from None
+    problem = format_problem(data)
+    if problem:
+        raise UserError(f"{path} is {problem}; fix it or {again} with `python score.py`.")
+    return data
+
+
 def read_scores(path):
     """{image name: score} from a scores.json; a malformed file is an error that names the entry.
 
@@ -58,15 +72,7 @@ def read_scores(path):
     """
     if not os.path.isfile(path):
         raise UserError(f"{path} not found: rate a round first with `python score.py`.")
-    try:
-        scores = read_json(path)
-    except ValueError as error:  # not JSON, not UTF-8, or nested too deeply
-        raise UserError(f"{path} is not valid JSON ({error}); fix it or rate again with `python score.py`.") from None
-    except OSError as error:
-        raise UserError(f"cannot read {path} ({error.strerror}); check its permissions.") from None
-    problem = scores_format_problem(scores)
-    if problem:
-        raise UserError(f"{path} is {problem}; fix it or rate again with `python score.py`.")
+    scores = read_rating_file(path, scores_format_problem, "rate again")
     outside = [name for name in scores if round_file_problem(name)]
     if outside:
         print(f"warning: skipped {len(outside)} entries of {path} that name no file of its round "
@@ -78,16 +84,7 @@ def read_comparisons(path):
     """[{"a", "b", "winner"}] from a comparisons.json, [] if there is none; a malformed entry is an error that names it."""
     if not os.path.isfile(path):
         return []
-    try:
-        comparisons = read_json(path)
-    except ValueError as error:  # not JSON, not UTF-8, or nested too deeply
-        raise UserError(f"{path} is not valid JSON ({error}); fix it or compare again with `python score.py`.") from None
-    except OSError as error:
-        raise UserError(f"cannot read {path} ({error.strerror}); check its permissions.") from None
-    problem = comparisons_format_problem(comparisons)
-    if problem:
-        raise UserError(f"{path} is {problem}; fix it or compare again with `python score.py`.")
-    return comparisons
+    return read_rating_file(path, comparisons_format_problem, "compare again")
 
 
 def rated_rounds(settings):

@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from conftest import REPO, TINY_SETTINGS, assert_ok, run_script, stage_paths
 

@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from urllib.parse import urlsplit
 
 import pytest
@@ -270,7 +269,6 @@ def test_a_taken_port_gives_a_free_one(round_folder):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        import config
         settings = parse_settings([f"--sample_path={round_folder}", f"--score_port={port}"], score.USED_SETTINGS)
         server = score.make_server(settings)
         assert server.server_address[1] not in (port, 0)

@@ -2,17 +2,16 @@
 module names, which WebUI and ComfyUI map onto SDXL), and applied as they apply it, it reproduces the
 trained LoRA UNet; the diffusers file loads with StableDiffusionXLPipeline.load_lora_weights."""
 
-import os
 
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from benchmark import SDXL_UNET
-from utils.lora import TARGET_MODULES, add_lora, save_lora
+from test_lora_export import base_unet, trained_lora_unet
+from utils.lora import TARGET_MODULES, save_lora
 from utils.sampling import load_pipeline
 from utils.tiny_checkpoint import SDXL_CROSS_ATTENTION_DIM, SDXL_POOLED_DIM
 
@@ -59,10 +58,6 @@ def kohya_to_module(unet):
     return mapped
 
 
-def base_unet(checkpoint):
-    return UNet2DConditionModel.from_pretrained(os.path.join(checkpoint, "unet")).eval()
-
-
 def unet_inputs():
     generator = torch.Generator().manual_seed(0)
     return (torch.randn(2, 4, 8, 8, generator=generator), torch.tensor([901, 301]),
@@ -81,18 +76,9 @@ def output(unet):
 def exported(request, tiny_sdxl_checkpoint, tmp_path_factory):
     """(lora_alpha, LoRA UNet output, diffusers file, ui file) of an SDXL LoRA saved as train_policy saves it."""
     lora_alpha = request.param
-    unet = base_unet(tiny_sdxl_checkpoint)
-    if lora_alpha == RANK:
-        add_lora(unet, RANK)
-    else:
-        unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=RANK, lora_alpha=lora_alpha, init_lora_weights="gaussian",
-                                    target_modules=TARGET_MODULES))
-    generator = torch.Generator().manual_seed(1)
+    unet = trained_lora_unet(tiny_sdxl_checkpoint, lora_alpha)
     with torch.no_grad():
         for name, parameter in unet.named_parameters():
-            if "lora_B" in name:  # peft starts lora_B at zero, which would export an all-zero LoRA
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
             if "lora_" in name:  # values fp16 holds exactly: the file's fp16 then loses nothing, and any
                 parameter.copy_(parameter.half().float())  # difference below is the mapping's or alpha's
     folder = str(tmp_path_factory.mktemp("sdxl_lora"))
