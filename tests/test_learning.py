@@ -11,6 +11,7 @@ import os
 import pytest
 from PIL import Image
 
+import config
 import demo
 from utils.scripted_rater import calibration_of, scores_from_values
 
@@ -39,7 +40,7 @@ def test_the_measured_seeds_are_fresh_and_the_reward_models_learned_the_rule(dem
     _, summary = demo_run
     assert all(r["seeds_trained_on"] == 0 and r["images"] == demo.DEMO_SETTINGS["generate_sample_size"]
                for r in summary["rounds"])
-    assert all(r["reward_model_test_pearson"] > demo.config.train_reward_min_correlation for r in summary["rounds"][:-1])
+    assert all(r["reward_model_test_pearson"] > config.train_reward_min_correlation for r in summary["rounds"][:-1])
 
 
 @pytest.mark.slow
