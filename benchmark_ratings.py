@@ -1,6 +1,6 @@
 """Rating efficiency: how well the reward model learns a taste from N ratings, for several tastes and ways to rate.
 
-    python benchmark_ratings.py             # the README's figures: 18.5 min (8.4 CPU-min) on 2 busy shared cores
+    python benchmark_ratings.py             # the README's figures: about 18 min on 2 busy shared cores
     python benchmark_ratings.py --seeds 1 --sizes 50,300 --tastes brightness --methods baseline,recommended
     python benchmark_ratings.py --seeds 1 --methods baseline,ranking,ensemble,batch_32,recommended,comparisons
 
@@ -16,7 +16,7 @@ Methods (`baseline` is the seed's train_reward, `recommended` the settings READM
   ranking       the baseline with the ranking loss on scores instead of MSE
   ensemble      the baseline with an ensemble of 4 CNNs (their mean is the reward)
   batch_32      the baseline with batches of 32 (more optimizer steps from few ratings)
-  recommended   all three: random images, scores
+  recommended   all three, AdamW at 3e-3 and no ratings held out (all of them train): random images, scores
   active        recommended; after the first ratings, the next images are those the members disagree on most
   comparisons   pairs instead of scores (Bradley–Terry); random pairs
   active_pairs  pairs the ensemble's members disagree on most (the rating page's pairwise mode)
@@ -53,7 +53,8 @@ BASELINE_SIZES = [1000]  # the baseline also at the seed's 1000 ratings per roun
 TARGET_SIZE = 300  # the target: at most this many ratings reach the baseline's Spearman at its most ratings
 
 SEED_SETTINGS = {"train_reward_loss": "mse", "train_reward_ensemble_size": 1, "train_reward_batch_size": 100}
-RECOMMENDED = {"train_reward_loss": "ranking", "train_reward_ensemble_size": 4, "train_reward_batch_size": 32}
+RECOMMENDED = {"train_reward_loss": "ranking", "train_reward_ensemble_size": 4, "train_reward_batch_size": 32,
+               "train_reward_learning_rate": 3e-3, "train_reward_test_split_ratio": 0.0}
 METHODS = {  # name: (train_reward settings, which ratings: "random" or "active", kind: "scores" or "pairs")
     "baseline": (SEED_SETTINGS, "random", "scores"),
     "ranking": ({**SEED_SETTINGS, "train_reward_loss": "ranking"}, "random", "scores"),
