@@ -251,7 +251,10 @@ def main(settings):
     print(f"{len(scores)} ratings{spread}{compared}: {len(train)} to train on, {len(test)} held out to test; "
           f"{FAMILY_NAMES[family]} latents {tuple(ratings.latents.shape[1:])}; loss {settings.train_reward_loss}"
           f"{' + Bradley-Terry' if compared else ''}{ensemble}")
-    if len(test) < MIN_TEST_RATINGS:
+    if settings.train_reward_test_split_ratio == 0:
+        print("note: train_reward_test_split_ratio=0 holds nothing out, so there are no test metrics and no warning "
+              "if the model learned little: check it with --rank_folder on images you know.")
+    elif len(test) < MIN_TEST_RATINGS:
         print(f"warning: only {len(test)} ratings held out for testing; the test metrics below are unreliable. "
               "Rate more images (or raise train_reward_test_split_ratio).")
     os.makedirs(settings.model_path, exist_ok=True)
