@@ -108,20 +108,19 @@ def train_epoch(trainer, optimizer, minibatches, clip_range, timesteps_per_call,
     bar = tqdm(total=len(minibatches), desc="training", leave=False, disable=not show_progress)
     for first in range(0, len(minibatches), per_step):
         total = [torch.zeros_like(p) for p in parameters]  # the step's gradient, fp32 like the LoRA
-        loss_is_finite = gradient_is_finite = True
+        loss_is_finite = True
         for minibatch in minibatches[first:first + per_step]:
             with no_sync():
-                stats, finite = precision.accumulate(
+                stats = precision.accumulate(
                     lambda: policy_gradient_backward(trainer, minibatch, clip_range, timesteps_per_call,
                                                      precision.backward), parameters, total)
             loss_is_finite &= math.isfinite(stats["loss"])
-            gradient_is_finite &= finite
             for key in means:
                 means[key] += stats[key] / len(minibatches)
             bar.update()
         for p, summed in zip(parameters, reduce(total)):
             p.grad = summed
-        if gradient_is_finite and gradients_are_finite(parameters):  # reduced: every process decides alike
+        if gradients_are_finite(parameters):  # the reduced sum: every process decides alike
             optimizer.step()
             outcomes.append("ok")
         else:

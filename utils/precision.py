@@ -60,19 +60,22 @@ class MixedPrecision:
         (loss * self.loss_scale).backward()
 
     def accumulate(self, compute_gradient, parameters, total):
-        """Run `compute_gradient()` (backward into the parameters' .grad) and add the gradient to `total`.
+        """Run `compute_gradient()` (backward into the parameters' .grad), add the gradient to `total`, and
+        return its result. fp16 retries an overflow at half the scale.
 
-        Returns (its result, whether the gradient was finite). fp16 retries an overflow at half the scale.
+        A gradient that stays non-finite is added all the same: the step's sum is then non-finite on every
+        process once all-reduced, so they all skip that step alike.
         """
         while True:
             result = compute_gradient()
             finite = gradients_are_finite(parameters)
-            if finite:
+            last_try = finite or self.name != "fp16" or self.loss_scale / 2 < MIN_LOSS_SCALE
+            if last_try:
                 for summed, p in zip(total, parameters):
                     summed += p.grad / self.loss_scale
             for p in parameters:
                 p.grad = None
-            if finite or self.name != "fp16" or self.loss_scale / 2 < MIN_LOSS_SCALE:
+            if last_try:
                 break
             self.loss_scale /= 2
             self.clean_minibatches = 0
@@ -80,7 +83,7 @@ class MixedPrecision:
             self.clean_minibatches += 1
             if self.clean_minibatches % GROWTH_INTERVAL == 0:
                 self.loss_scale *= 2
-        return result, finite
+        return result
 
     def state_dict(self):
         return {"loss_scale": self.loss_scale, "clean_minibatches": self.clean_minibatches}
