@@ -1,12 +1,14 @@
 """Rating efficiency: how well the reward model learns a taste from N ratings, for several tastes and ways to rate.
 
-    python benchmark_ratings.py             # the README's figures: about 18 min on 2 busy shared cores
+    python benchmark_ratings.py             # the README's figures: about 15 min on 2 busy shared cores
+    python benchmark_ratings.py --tastes greenness,blueness,bright_centre,sharpness --methods baseline,recommended
     python benchmark_ratings.py --seeds 1 --sizes 50,300 --tastes brightness --methods baseline,recommended
     python benchmark_ratings.py --seeds 1 --methods baseline,ranking,ensemble,batch_32,recommended,comparisons
 
 Scripted raters stand in for people (utils/scripted_rater.py): each likes one thing in an image (brightness,
-redness, contrast, saturation, a top-heavy image) and rates as a person does, with a point of jitter and an
-occasional rating that is not what they think. For each taste, method and number of ratings, the reward model
+redness, contrast, saturation, a top-heavy image; and, to check the recommendation on tastes it was not chosen
+on, `--tastes greenness,blueness,bright_centre,sharpness`) and rates as a person does, with a point of jitter
+and an occasional rating that is not what they think. For each taste, method and number of ratings, the reward model
 is trained with train_reward's own code (utils/reward_training.fit_reward_model) on that many ratings of a
 pool of images, and measured on held-out images against the rater's noiseless taste: Spearman correlation and
 pairwise accuracy, mean and spread (std) over seeds. A comparison counts as one rating, as a score does.
@@ -16,7 +18,8 @@ Methods (`baseline` is the seed's train_reward, `recommended` the settings READM
   ranking       the baseline with the ranking loss on scores instead of MSE
   ensemble      the baseline with an ensemble of 4 CNNs (their mean is the reward)
   batch_32      the baseline with batches of 32 (more optimizer steps from few ratings)
-  recommended   all three, AdamW at 3e-3 and no ratings held out (all of them train): random images, scores
+  recommended   all three and AdamW at 3e-3 (each CNN holds out a different 10%): random images, scores
+  no_split      recommended with nothing held out: every CNN trains on every rating, but there are no test metrics
   active        recommended; after the first ratings, the next images are those the members disagree on most
   comparisons   pairs instead of scores (Bradley–Terry); random pairs
   active_pairs  pairs the ensemble's members disagree on most (the rating page's pairwise mode)
@@ -31,9 +34,11 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 import train_reward
 from utils.cli import parse_settings
@@ -41,9 +46,9 @@ from utils.files import write_json_atomic
 from utils.metrics import pairwise_accuracy, spearman
 from utils.rating_order import image_predictions, next_pairs
 from utils.reward_model import member_scores
-from utils.reward_training import OUTCOMES, Ratings, fit_reward_model, predict, split_ratings
+from utils.reward_training import OUTCOMES, Ratings, fit_reward_model, predict
 from utils.samples import latent_file, load_latent, round_images
-from utils.scripted_rater import TASTES, NoisyRater, calibration_of, taste_values
+from utils.scripted_rater import TASTES, TUNED_ON, NoisyRater, calibration_of, taste_values
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(ROOT, "bench", "rating_cache")
@@ -54,19 +59,20 @@ TARGET_SIZE = 300  # the target: at most this many ratings reach the baseline's 
 
 SEED_SETTINGS = {"train_reward_loss": "mse", "train_reward_ensemble_size": 1, "train_reward_batch_size": 100}
 RECOMMENDED = {"train_reward_loss": "ranking", "train_reward_ensemble_size": 4, "train_reward_batch_size": 32,
-               "train_reward_learning_rate": 3e-3, "train_reward_test_split_ratio": 0.0}
+               "train_reward_learning_rate": 3e-3}  # and the default split: each CNN holds out its own 10%
 METHODS = {  # name: (train_reward settings, which ratings: "random" or "active", kind: "scores" or "pairs")
     "baseline": (SEED_SETTINGS, "random", "scores"),
     "ranking": ({**SEED_SETTINGS, "train_reward_loss": "ranking"}, "random", "scores"),
     "ensemble": ({**SEED_SETTINGS, "train_reward_ensemble_size": 4}, "random", "scores"),
     "batch_32": ({**SEED_SETTINGS, "train_reward_batch_size": 32}, "random", "scores"),
     "recommended": (RECOMMENDED, "random", "scores"),
+    "no_split": ({**RECOMMENDED, "train_reward_test_split_ratio": 0.0}, "random", "scores"),
     "active": (RECOMMENDED, "active", "scores"),
     "comparisons": (RECOMMENDED, "random", "pairs"),
     "active_pairs": (RECOMMENDED, "active", "pairs"),
 }
 
-DEFAULT_METHODS = ["baseline", "recommended", "active", "active_pairs"]  # the others: --methods=...
+DEFAULT_METHODS = ["baseline", "recommended", "no_split", "active", "active_pairs"]  # the others: --methods=...
 
 
 # ---------------------------------------------------------------- the images, made once
@@ -110,7 +116,7 @@ def settings_for(overrides, seed):
 def train(settings, ratings):
     """train_reward's own training, in-process: its split, its loop, its best-epoch choice."""
     torch.manual_seed(settings.seed)
-    model, _ = fit_reward_model(settings, *split_ratings(ratings, settings.train_reward_test_split_ratio))
+    model, _ = fit_reward_model(settings, ratings)
     return model
 
 
@@ -154,6 +160,26 @@ def run(method, pool_latents, pool_values, test_latents, test_values, sizes, see
         model = train(settings, ratings)
         results[size] = measure(model, test_latents, test_values)
     return results
+
+
+# ---------------------------------------------------------------- the runs, in worker processes
+
+ROUND = None  # each worker's copy of cached_round(): (names, latents, {taste: values})
+
+
+def load_round():
+    global ROUND
+    torch.set_num_threads(1)  # the CNN is small: a process per core beats threads fighting over them
+    ROUND = cached_round()
+
+
+def run_task(taste, method, seed, sizes):
+    """(run's results, seconds) of one taste, method and seed, in a worker process."""
+    started = time.perf_counter()
+    _, latents, values = ROUND
+    pool, held_out = slice(0, POOL), slice(POOL, POOL + HELD_OUT)
+    results = run(method, latents[pool], values[taste][pool], latents[held_out], values[taste][held_out], sizes, seed)
+    return results, time.perf_counter() - started
 
 
 # ---------------------------------------------------------------- summary, plot
@@ -216,15 +242,15 @@ def plot(path, results, goal_size):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tastes", default=",".join(TASTES))
+    parser.add_argument("--tastes", default=",".join(TUNED_ON), help=f"any of {', '.join(TASTES)}")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="numbers of ratings")
     parser.add_argument("--baseline_sizes", default=",".join(map(str, BASELINE_SIZES)),
                         help="more numbers of ratings for the baseline only; the largest is the target to reach")
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="worker processes (each uses one thread)")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "ratings.json"))
     args = parser.parse_args()
-    torch.set_num_threads(1)  # the CNN is small; threads only fight over a shared machine's cores
     sizes = sorted(int(s) for s in args.sizes.split(","))
     baseline_sizes = sorted(int(s) for s in args.baseline_sizes.split(","))
     tastes, methods = args.tastes.split(","), args.methods.split(",")
@@ -233,20 +259,22 @@ def main():
         parser.error(f"unknown {unknown}; tastes are {list(TASTES)}, methods {list(METHODS)}; sizes at most {POOL}")
 
     started = time.perf_counter()
-    names, latents, values = cached_round()
-    pool, held_out = slice(0, POOL), slice(POOL, POOL + HELD_OUT)
-    results, seconds = {}, {}
-    for taste in tastes:
-        results[taste] = {}
-        for method in methods:
-            method_started = time.perf_counter()
-            method_sizes = sorted(set(sizes + baseline_sizes)) if method == "baseline" else sizes
-            runs = [run(method, latents[pool], values[taste][pool], latents[held_out], values[taste][held_out],
-                        method_sizes, seed) for seed in range(args.seeds)]
-            results[taste][method] = {str(k): v for k, v in summarise(runs).items()}
-            seconds[f"{taste}/{method}"] = time.perf_counter() - method_started
-            line = "  ".join(f"{s}: {v['spearman']:.3f}±{v['spearman_std']:.3f}" for s, v in results[taste][method].items())
-            print(f"{taste:>10} {method:>12} ({seconds[f'{taste}/{method}']:.0f} s)  Spearman  {line}", flush=True)
+    cached_round()  # made once here, before the workers read it
+    tasks = [(taste, method, seed, sorted(set(sizes + baseline_sizes)) if method == "baseline" else sizes)
+             for taste in tastes for method in methods for seed in range(args.seeds)]
+    runs, seconds = {}, {}
+    with ProcessPoolExecutor(args.jobs, initializer=load_round) as workers:
+        futures = [workers.submit(run_task, *task) for task in tasks]
+        for task, future in zip(tasks, tqdm(futures, desc="runs", unit="run")):  # in order; they finish about so
+            taste, method, _, _ = task
+            result, took = future.result()
+            runs.setdefault((taste, method), []).append(result)
+            seconds[f"{taste}/{method}"] = seconds.get(f"{taste}/{method}", 0.0) + took
+    results = {taste: {} for taste in tastes}
+    for (taste, method), method_runs in runs.items():
+        results[taste][method] = {str(k): v for k, v in summarise(method_runs).items()}
+        line = "  ".join(f"{s}: {v['spearman']:.3f}±{v['spearman_std']:.3f}" for s, v in results[taste][method].items())
+        tqdm.write(f"{taste:>10} {method:>12} ({seconds[f'{taste}/{method}']:.0f} s)  Spearman  {line}")
 
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     goal_size = max(baseline_sizes)

@@ -48,11 +48,11 @@ score_open_browser = True  # open the page in the default browser at start
 # ---------------------------------------------------------------- reward model (stage 3)
 train_reward_num_epochs = 10
 train_reward_batch_size = 100  # ratings per AdamW step (the seed's); 32 learns more from a few hundred ratings
-train_reward_test_split_ratio = 0.1  # share of the ratings held out to measure the model (fixed shuffle seed)
+train_reward_test_split_ratio = 0.1  # share of the ratings held out to measure the model (fixed shuffle); each CNN of the ensemble holds out another
 train_reward_learning_rate = 1e-3  # AdamW
 train_reward_use_history = True  # also learn from rated rounds in samples/history/
 train_reward_flip_augment = True  # random horizontal flips of training latents (a mirrored image is rated the same)
-train_reward_loss = "mse"  # on scores: "mse" (the seed's) or "ranking" (pairwise logistic: order images as their scores do; better with few ratings)
+train_reward_loss = "mse"  # on scores: "mse" (the seed's) or "ranking" (pairwise logistic: order images as their scores do; better with few ratings; the saved epoch is the best held-out order, the rewards fitted to the scores' scale)
 train_reward_ensemble_size = 4  # seed CNNs from different starts; reward = their mean; their disagreement orders the rating page (1 = the seed's)
 train_reward_min_correlation = 0.3  # below this test-set Pearson correlation, warn that the model is not worth a policy
 rank_folder = ""  # a folder of images: train_reward.py ranks it with the trained model (best first) instead of training

@@ -6,8 +6,9 @@ Reads   samples/scores.json ({"<seed>.png": -5..5}), samples/comparisons.json ([
         the rating page's pairwise mode) and the same files of the rated rounds in samples/history/*/,
         each image's saved latent samples/latents/<seed>.safetensors (the PNG is VAE-encoded only when
         no latent was saved, e.g. for images made elsewhere).
-Writes  models/reward_model.safetensors (the epoch with the best test loss; metadata in its header; an
-        ensemble of CNNs with train_reward_ensemble_size > 1), models/reward_metrics.jsonl (loss,
+Writes  models/reward_model.safetensors (the epoch with the best test loss, or the best held-out order
+        with the ranking loss; metadata in its header; an ensemble of CNNs with train_reward_ensemble_size > 1,
+        each holding out different ratings), models/reward_metrics.jsonl (loss,
         Pearson, Spearman, pairwise and comparison accuracy per epoch), models/reward_metrics.png
         (their curves) and samples/rating_order.json (the ensemble's prediction and doubt for each image
         of the current round, which the rating page orders by; utils/rating_order.py).
@@ -240,21 +241,25 @@ def main(settings):
         return rank_folder(settings, device)
     torch.manual_seed(settings.seed)
     family, ratings = load_ratings(settings, device)
-    train, test = (part.to(device) for part in split_ratings(ratings, settings.train_reward_test_split_ratio))
+    ratings = ratings.to(device)
+    count, ratio = settings.train_reward_ensemble_size, settings.train_reward_test_split_ratio
+    train, test = split_ratings(ratings, ratio)  # each CNN's counts; the ensemble's members hold out different ones
     if len(train) == 0:
-        raise UserError(f"train_reward_test_split_ratio={settings.train_reward_test_split_ratio} holds out all "
+        raise UserError(f"train_reward_test_split_ratio={ratio} holds out all "
                         f"{len(test)} ratings, leaving none to train on: lower it, or rate more images.")
     scores = ratings.scores
     spread = f" (mean {scores.mean():.2f}, variance {scores.var(unbiased=False):.2f})" if len(scores) else ""
     compared = f" and {len(ratings.pairs)} comparisons" if len(ratings.pairs) else ""
-    ensemble = f", an ensemble of {settings.train_reward_ensemble_size}" if settings.train_reward_ensemble_size > 1 else ""
-    print(f"{len(scores)} ratings{spread}{compared}: {len(train)} to train on, {len(test)} held out to test; "
-          f"{FAMILY_NAMES[family]} latents {tuple(ratings.latents.shape[1:])}; loss {settings.train_reward_loss}"
-          f"{' + Bradley-Terry' if compared else ''}{ensemble}")
-    if settings.train_reward_test_split_ratio == 0:
+    ensemble = f", an ensemble of {count}" if count > 1 else ""
+    different = (f" (each of the {count} CNNs holds out different ones, so every rating trains some of them)"
+                 if count > 1 and len(test) else "")
+    print(f"{len(scores)} ratings{spread}{compared}: {len(train)} to train on, {len(test)} held out to test"
+          f"{different}; {FAMILY_NAMES[family]} latents {tuple(ratings.latents.shape[1:])}; loss "
+          f"{settings.train_reward_loss}{' + Bradley-Terry' if compared else ''}{ensemble}")
+    if ratio == 0:
         print("note: train_reward_test_split_ratio=0 holds nothing out, so there are no test metrics and no warning "
               "if the model learned little: check it with --rank_folder on images you know.")
-    elif len(test) < MIN_TEST_RATINGS:
+    elif min(len(ratings), count * len(test)) < MIN_TEST_RATINGS:
         print(f"warning: only {len(test)} ratings held out for testing; the test metrics below are unreliable. "
               "Rate more images (or raise train_reward_test_split_ratio).")
     os.makedirs(settings.model_path, exist_ok=True)
@@ -266,7 +271,7 @@ def main(settings):
         print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
 
     # ---------------------------------------------------------------- TRAINING
-    model, best = fit_reward_model(settings, train, test, on_epoch=log_epoch)
+    model, best = fit_reward_model(settings, ratings, on_epoch=log_epoch)
 
     # ---------------------------------------------------------------- SAVE the best epoch
     if not all(torch.isfinite(v).all() for v in model.state_dict().values()):
@@ -287,8 +292,8 @@ def main(settings):
                   ["train_loss", "test_loss"]),
                  ("test set", ["test_pearson", "test_spearman", "test_pairwise_accuracy", "test_comparison_accuracy"])],
                 f"reward model, {len(scores)} scores, {len(ratings.pairs)} comparisons; "
-                f"saved epoch {best['epoch']} (best test loss)")
-    print(f"saved epoch {best['epoch']} (best test loss) to {settings.reward_model_path}; curves in {plot_path}")
+                f"saved epoch {best['epoch']} ({best['chosen_by']})")
+    print(f"saved epoch {best['epoch']} ({best['chosen_by']}) to {settings.reward_model_path}; curves in {plot_path}")
     order = order_round(settings.sample_path, model, settings.reward_model_path, device)
     if order:
         print(order)

@@ -16,7 +16,8 @@ from test_reward_metrics import brightness_like_round, write_rated_round
 from utils.files import write_json_atomic
 from utils.rating_order import next_pairs, order_round, read_rating_order, update_rating_order
 from utils.reward_model import LatentRewardModel, RewardEnsemble, load_reward_model, reward_model_metadata, save_reward_model
-from utils.reward_training import bradley_terry_loss, score_ranking_loss
+from utils.reward_training import (bradley_terry_loss, calibrate_to_scores, predict, score_ranking_loss, selection_of,
+                                   split_indices)
 from utils.samples import latent_file, load_latent, save_latent
 from utils.scripted_rater import TASTES, NoisyRater
 
@@ -42,6 +43,56 @@ def test_bradley_terry_counts_a_tie_as_one_half():
                 - math.log(1 - sigmoid(-2.0))) / 3                       # b won, a was 2 behind
     assert expected == pytest.approx(0.377779, abs=1e-6)
     assert bradley_terry_loss(reward_a, reward_b, outcomes).item() == pytest.approx(expected, abs=1e-6)
+
+
+# ---------------------------------------------------------------- held-out ratings and the score scale
+
+def test_each_member_holds_out_other_ratings_and_the_first_holds_out_the_seeds():
+    seeds_split = torch.randperm(50, generator=torch.Generator().manual_seed(0))[:5]  # the seed's 10%, fixed shuffle
+    splits = [split_indices(50, 0.1, member) for member in range(4)]
+    assert torch.equal(splits[0][1], seeds_split)
+    for train, test in splits:
+        assert len(test) == 5 and sorted(torch.cat([train, test]).tolist()) == list(range(50))
+    held_out = torch.cat([test for _, test in splits])
+    assert len(set(held_out.tolist())) == 20  # four different fifths of the ratings: each trains 3 of the 4 CNNs
+    wrapped = [set(split_indices(10, 0.3, member)[1].tolist()) for member in range(4)]  # 4 x 3 > 10: they wrap round
+    assert all(len(w) == 3 for w in wrapped) and set().union(*wrapped) == set(range(10))
+    assert len(split_indices(10, 0.0, 3)[1]) == 0 and len(split_indices(1, 0.5, 2)[1]) == 0
+
+
+def test_the_best_epoch_is_the_lowest_test_loss_but_with_the_ranking_loss_the_best_test_spearman():
+    early = {"epoch": 2, "train_loss": 0.65, "test_loss": 0.69, "test_spearman": 0.21}
+    late = {"epoch": 10, "train_loss": 0.30, "test_loss": 0.80, "test_spearman": 0.47}  # wider margins, better order
+    for loss, chosen in (("mse", early), ("ranking", late)):
+        assert min((early, late), key=lambda r: selection_of(r, loss)[0]) is chosen
+    assert selection_of({"epoch": 1, "train_loss": 0.3}, "ranking") == (0.3, "lowest train loss")  # nothing held out
+    compared = {"epoch": 3, "train_loss": 0.5, "test_loss": 0.6, "test_comparison_accuracy": 0.75}  # no held-out scores
+    assert selection_of(compared, "ranking") == (-0.75, "best test comparison accuracy")
+    assert selection_of(compared, "mse") == (0.6, "best test loss")
+
+
+def test_calibration_puts_ranking_rewards_on_the_score_scale_and_keeps_their_order():
+    from utils.reward_training import Ratings
+    from utils.metrics import spearman
+    latents, scores, _ = brightness_like_round(60)
+    torch.manual_seed(0)
+    model = LatentRewardModel()
+    ratings = Ratings.of_scores(latents, scores)
+    sign = 1.0 if spearman(predict(model, latents, 16), scores) > 0 else -1.0  # a model that ranks them roughly right
+    with torch.no_grad():
+        model.head[-1].weight.mul_(40.0 * sign)  # on a ranking loss's arbitrary scale
+        model.head[-1].bias.mul_(40.0 * sign)
+    before = predict(model, latents, 16)
+    calibrate_to_scores(model, ratings, 16)
+    after = predict(model, latents, 16)
+    assert spearman(after, before) == pytest.approx(1.0)  # the same order
+    residual = scores - after  # least squares: no mean error, nothing left that the reward predicts
+    assert residual.mean().item() == pytest.approx(0.0, abs=1e-4)
+    assert torch.dot(residual, after - after.mean()).item() == pytest.approx(0.0, abs=1e-2)
+    assert after.std() <= scores.std() + 1e-4
+    reverse = predict(model, latents, 16)
+    calibrate_to_scores(model, Ratings.of_scores(latents, -after.detach()), 16)  # scores that reverse the order
+    assert torch.equal(predict(model, latents, 16), reverse)  # a slope below 0 is never used: left as it is
 
 
 # ---------------------------------------------------------------- the ensemble, its file, its order
@@ -132,12 +183,16 @@ def test_train_reward_learns_from_scores_and_comparisons_of_every_round_with_an_
                                   "--train_reward_ensemble_size=3", cwd=tmp_path))
     assert "80 ratings (mean" in result.stdout and "and 303 comparisons: 306 to train on, 77 held out" in result.stdout, \
         result.stdout
+    assert "each of the 3 CNNs holds out different ones" in result.stdout
     path = str(tmp_path / "models" / "reward_model.safetensors")
     metadata = reward_model_metadata(path)
     assert metadata["ensemble_size"] == 3 and metadata["num_comparisons"] == 303 and metadata["loss"] == "ranking"
     assert metadata["test_comparison_accuracy"] > 0.8 and metadata["test_spearman"] > 0.7, metadata
 
     model = load_reward_model(path)  # the ensemble's mean ranks fresh images by the rule
+    rewards = model(latents[:80])  # on the scale of the scores, though the ranking loss only orders images
+    assert rewards.mean().item() == pytest.approx(scores[:80].mean().item(), abs=1e-3)
+    assert rewards.std() <= scores[:80].std()
     fresh, _, fresh_offsets = brightness_like_round(100, seed=1)
     from utils.metrics import spearman
     assert spearman(model(fresh), fresh_offsets) > 0.8
@@ -175,6 +230,10 @@ def test_noisy_raters_jitter_by_a_point_and_sometimes_say_anything():
     rgb = np.zeros((8, 8, 3))
     rgb[:4] = 200.0  # a bright top, dark bottom
     assert TASTES["top_heavy"](rgb) == pytest.approx(200 * 0.299 + 200 * 0.587 + 200 * 0.114)
+    centre = np.zeros((8, 8, 3))
+    centre[2:6, 2:6] = 100.0  # a bright middle quarter, a dark border
+    assert TASTES["bright_centre"](centre) == pytest.approx(100.0)
+    assert TASTES["sharpness"](np.zeros((8, 8, 3))) == 0 < TASTES["sharpness"](centre)
     for taste in TASTES.values():  # a mirrored image is liked the same (train_reward's flip augmentation)
         image = np.random.default_rng(1).uniform(0, 255, (8, 8, 3))
         assert taste(image) == pytest.approx(taste(image[:, ::-1]))

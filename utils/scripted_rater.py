@@ -46,6 +46,13 @@ def _saturation(rgb):
     return np.where(high > 0, (high - low) / np.maximum(high, 1e-9), 0.0)  # (h, w) in 0..1, HSV's S
 
 
+def _centre_minus_border(grey):
+    h, w = grey.shape
+    centre = np.zeros((h, w), dtype=bool)
+    centre[h // 4: h - h // 4, w // 4: w - w // 4] = True  # the middle half in each direction: a quarter of the image
+    return grey[centre].mean() - grey[~centre].mean()
+
+
 # taste name -> value of an (h, w, 3) float RGB array in 0..255; every one is unchanged by a left-right
 # mirror, because train_reward's flip augmentation (on by default) teaches that a mirrored image rates the same
 TASTES = {
@@ -54,7 +61,13 @@ TASTES = {
     "contrast": lambda rgb: _grey(rgb).std(),
     "saturation": lambda rgb: _saturation(rgb).mean(),
     "top_heavy": lambda rgb: (lambda g: g[: len(g) // 2].mean() - g[len(g) // 2:].mean())(_grey(rgb)),
+    # not looked at while choosing README's recommended settings: they check it on tastes it was not tuned on
+    "greenness": lambda rgb: (rgb[..., 1] - rgb[..., [0, 2]].mean(-1)).mean(),
+    "blueness": lambda rgb: (rgb[..., 2] - rgb[..., :2].mean(-1)).mean(),
+    "bright_centre": lambda rgb: _centre_minus_border(_grey(rgb)),
+    "sharpness": lambda rgb: (lambda g: np.abs(np.diff(g, axis=0)).mean() + np.abs(np.diff(g, axis=1)).mean())(_grey(rgb)),
 }
+TUNED_ON = ("brightness", "redness", "contrast", "saturation", "top_heavy")  # the README's recommendation was chosen on these
 
 
 def taste_values(sample_folder, tastes=("brightness",), names=None):
