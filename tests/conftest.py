@@ -119,3 +119,45 @@ def snapshot(folder):
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns,
                                          hashlib.sha256(p.read_bytes()).hexdigest())
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def generators(seeds):
+    """One CPU generator per image, as a pipeline takes them for reproducible batches."""
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+FP16_ATOL = 2e-3  # latents are saved in fp16: |x| < 4 rounds by at most 0.001
+
+
+def assert_made_with_lora(pipeline, lora_file, latents, latents_of):
+    """`latents` (saved in fp16) are what `latents_of(pipeline)` makes with `lora_file` loaded by diffusers'
+    load_lora_weights, and are not what it makes without: every image differs by well over the rounding."""
+    assert (latents - latents_of(pipeline)).abs().amax(dim=(1, 2, 3)).min() > 10 * FP16_ATOL, \
+        "the LoRA must change every image"
+    pipeline.load_lora_weights(str(lora_file))
+    try:
+        torch.testing.assert_close(latents, latents_of(pipeline), atol=FP16_ATOL, rtol=1e-3)
+    finally:
+        pipeline.unload_lora_weights()
+
+
+@torch.no_grad()
+def merge_webui_lora(linears, state):
+    """Merge a WebUI (kohya) LoRA file's tensors into the UNet as WebUI does: W += (alpha / rank) · up · down
+    for each {kohya module name: nn.Linear} in `linears`."""
+    for name, linear in linears.items():
+        down, up = state[f"{name}.lora_down.weight"].float(), state[f"{name}.lora_up.weight"].float()
+        linear.weight += state[f"{name}.alpha"].float() / down.shape[0] * up @ down
+
+
+@pytest.fixture
+def checkpoint_recomputations(monkeypatch):
+    """A list that grows by one each time torch.utils.checkpoint.checkpoint runs: proof that checkpointing is on."""
+    checkpoint, calls = torch.utils.checkpoint.checkpoint, []
+
+    def counted_checkpoint(*args, **kwargs):
+        calls.append(1)
+        return checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counted_checkpoint)
+    return calls

@@ -56,19 +56,13 @@ def test_timesteps_per_call_gives_the_same_gradient(policy, one_at_a_time, times
 
 
 @pytest.mark.parametrize("timesteps_per_call", [1, STEPS])
-def test_gradient_checkpointing_gives_the_same_gradient(policy, one_at_a_time, timesteps_per_call, monkeypatch):
-    checkpoint, recomputed = torch.utils.checkpoint.checkpoint, []
-
-    def counted_checkpoint(*args, **kwargs):
-        recomputed.append(1)
-        return checkpoint(*args, **kwargs)
-
-    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counted_checkpoint)
+def test_gradient_checkpointing_gives_the_same_gradient(policy, one_at_a_time, timesteps_per_call,
+                                                        checkpoint_recomputations):
     denoiser, minibatch = policy
     checkpointed = replace(denoiser, unet=copy.deepcopy(denoiser.unet))
     checkpointed.unet.enable_gradient_checkpointing()
     assert_same_gradient(lora_gradient(checkpointed, minibatch, timesteps_per_call=timesteps_per_call), one_at_a_time)
-    assert recomputed, "diffusers did not checkpoint any block"
+    assert checkpoint_recomputations, "diffusers did not checkpoint any block"
 
 
 def gpu_with_room_for(room, tried):

@@ -10,6 +10,7 @@ from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from conftest import merge_webui_lora
 from utils.lora import TARGET_MODULES, add_lora, save_lora
 from utils.sampling import load_pipeline
 
@@ -102,11 +103,7 @@ def test_ui_file_applied_as_webui_does_reproduces_the_lora_unet(exported, tiny_c
     state = load_file(ui_path)
     unet = base_unet(tiny_checkpoint)
     base_output = output(unet)
-    with torch.no_grad():
-        for module_name, linear in attention_linears(unet).items():
-            down, up = state[f"{module_name}.lora_down.weight"].float(), state[f"{module_name}.lora_up.weight"].float()
-            scale = state[f"{module_name}.alpha"].float() / down.shape[0]  # alpha / rank
-            linear.weight += scale * up @ down  # W + (alpha/rank) . up . down
+    merge_webui_lora(attention_linears(unet), state)
     merged_output = output(unet)
     effect = (lora_output - base_output).abs().max().item()
     assert effect > 1e-3, "the LoRA must change the output for this test to mean anything"

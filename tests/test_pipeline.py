@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import assert_ok, run_script, snapshot
+from conftest import FP16_ATOL, assert_made_with_lora, assert_ok, generators, run_script, snapshot
 from utils.metrics import pearson
 from utils.reward_model import load_reward_model
 from utils.samples import load_latent
@@ -24,7 +24,6 @@ from utils.sampling import load_pipeline
 
 PROMPT, NEGATIVE = "a red fox", "blurry, jpeg"
 GUIDANCE, ETA, STEPS = 5.0, 1.0, 2  # STEPS is conftest's TINY_SETTINGS num_inference_steps
-FP16_ATOL = 2e-3  # latents are saved in fp16: |x| < 4 rounds by at most 0.001
 FIRST_ROUND = 6
 UMASK = os.umask(0o022)
 os.umask(UMASK)
@@ -57,7 +56,7 @@ def pipeline_latents(pipeline, seeds):
     with torch.no_grad():
         return pipeline(PROMPT, negative_prompt=NEGATIVE, height=64, width=64, num_inference_steps=STEPS,
                         guidance_scale=GUIDANCE, eta=ETA, num_images_per_prompt=len(seeds),
-                        generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="latent").images
+                        generator=generators(seeds), output_type="latent").images
 
 
 def pngs(folder):
@@ -243,13 +242,7 @@ def test_generate_with_the_lora_starts_a_new_round_and_makes_other_images(policy
     # the same seeds without the LoRA make other latents; with it loaded, these
     seeds = [seed_of(n) for n in names]
     latents = saved_latents(samples, names)
-    base = pipeline_latents(pipeline, seeds)
-    assert (latents - base).abs().amax(dim=(1, 2, 3)).min() > 10 * FP16_ATOL, "the LoRA must change every image"
-    pipeline.load_lora_weights(str(lora))
-    try:
-        torch.testing.assert_close(latents, pipeline_latents(pipeline, seeds), atol=FP16_ATOL, rtol=1e-3)
-    finally:
-        pipeline.unload_lora_weights()
+    assert_made_with_lora(pipeline, lora, latents, lambda p: pipeline_latents(p, seeds))
 
 
 def test_train_policy_run_again_resumes_at_the_next_epoch_and_keeps_earlier_files(policy, workspace):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import generators
 from utils.ddim import ddim_step_with_logprob
 from utils.sampling import Denoiser, encode_prompt, guided_noise_pred, load_pipeline, sample_with_logprob
 
@@ -12,10 +13,6 @@ PROMPT, NEGATIVE = "a neon sign", "worst quality, low quality"
 @pytest.fixture(scope="module")
 def pipeline(tiny_checkpoint):
     return load_pipeline(tiny_checkpoint, "cpu", torch.float32)
-
-
-def generators(seeds):
-    return [torch.Generator().manual_seed(s) for s in seeds]
 
 
 @pytest.mark.parametrize("height, width, steps, guidance_scale, eta", [

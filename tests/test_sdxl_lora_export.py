@@ -10,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from benchmark import SDXL_UNET
+from conftest import merge_webui_lora
 from test_lora_export import base_unet, trained_lora_unet
 from utils.lora import TARGET_MODULES, save_lora
 from utils.sampling import load_pipeline
@@ -127,10 +128,7 @@ def test_ui_file_applied_as_webui_does_reproduces_the_lora_unet(exported, tiny_s
     state = load_file(ui_path)
     unet = base_unet(tiny_sdxl_checkpoint)
     base_output = output(unet)
-    with torch.no_grad():
-        for module_name, linear in kohya_to_module(unet).items():
-            down, up = state[f"{module_name}.lora_down.weight"].float(), state[f"{module_name}.lora_up.weight"].float()
-            linear.weight += state[f"{module_name}.alpha"].float() / down.shape[0] * up @ down  # W + alpha/rank up down
+    merge_webui_lora(kohya_to_module(unet), state)
     effect = (lora_output - base_output).abs().max().item()
     assert effect > 1e-3, "the LoRA must change the output for this test to mean anything"
     # a wrong alpha, a missing or misplaced layer costs most of the effect; merged and unmerged differ by rounding

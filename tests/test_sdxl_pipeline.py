@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import assert_ok, run_script, snapshot
+from conftest import FP16_ATOL, assert_made_with_lora, assert_ok, generators, run_script, snapshot
 from test_bad_input import assert_refused
 from test_pipeline import parse_parameters, pngs, saved_latents, seed_of
 from utils.cli import stage_paths
@@ -26,7 +26,6 @@ from utils.scripted_rater import rate_by_latent_channel
 PROMPT, NEGATIVE = "a red fox", "blurry, jpeg"
 GUIDANCE, ETA, STEPS = 5.0, 1.0, 2  # STEPS is conftest's TINY_SETTINGS num_inference_steps
 HEIGHT, WIDTH = 64, 80  # not square: SDXL's size ids must follow the image's size in every stage
-FP16_ATOL = 2e-3  # latents are saved in fp16
 RATED_ROUND = 320
 SDXL_UI_KEYS = 3 * 560  # down, up and alpha of each of SDXL's attention projections
 POLICY = ["--train_save_freq=1", "--train_sample_batch_size=2", "--train_sample_num_batches_per_epoch=2",
@@ -55,7 +54,7 @@ def pipeline_latents(pipeline, seeds):
     with torch.no_grad():
         return pipeline(PROMPT, negative_prompt=NEGATIVE, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS,
                         guidance_scale=GUIDANCE, eta=ETA, num_images_per_prompt=len(seeds),
-                        generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="latent").images
+                        generator=generators(seeds), output_type="latent").images
 
 
 @pytest.fixture(scope="module")
@@ -138,12 +137,7 @@ def test_generate_with_the_sdxl_lora_makes_what_the_pipeline_makes_with_it_loade
     assert f"LoRA: {lora}" in result.stdout and "moved the earlier round to" in result.stdout
     names = pngs(folder / "samples")
     seeds, latents = [seed_of(n) for n in names], saved_latents(folder / "samples", names)
-    assert (latents - pipeline_latents(pipeline, seeds)).abs().amax(dim=(1, 2, 3)).min() > 10 * FP16_ATOL
-    pipeline.load_lora_weights(str(lora))
-    try:
-        torch.testing.assert_close(latents, pipeline_latents(pipeline, seeds), atol=FP16_ATOL, rtol=1e-3)
-    finally:
-        pipeline.unload_lora_weights()
+    assert_made_with_lora(pipeline, lora, latents, lambda p: pipeline_latents(p, seeds))
 
 
 def test_train_policy_on_sdxl_resumes_at_the_next_epoch(policy, workspace):

@@ -9,6 +9,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
+from conftest import generators
+
 from train_policy import training_minibatches
 from utils.ddim import ddim_step_with_logprob
 from utils.ddpo import policy_gradient_backward
@@ -23,10 +25,6 @@ PROMPT, NEGATIVE = "a neon sign", "worst quality, low quality"
 @pytest.fixture(scope="module")
 def pipeline(tiny_sdxl_checkpoint):
     return load_pipeline(tiny_sdxl_checkpoint, "cpu", torch.float32)
-
-
-def generators(seeds):
-    return [torch.Generator().manual_seed(s) for s in seeds]
 
 
 def denoiser_of(pipeline, height, width, guidance_scale=5.0, eta=1.0):
@@ -115,14 +113,7 @@ def lora_gradient(denoiser, minibatch, timesteps_per_call):
     return torch.cat([p.grad.flatten() for p in denoiser.unet.parameters() if p.requires_grad])
 
 
-def test_the_lora_gradient_is_the_same_for_any_grouping_and_with_checkpointing(policy, monkeypatch):
-    checkpoint, recomputed = torch.utils.checkpoint.checkpoint, []
-
-    def counted_checkpoint(*args, **kwargs):
-        recomputed.append(1)
-        return checkpoint(*args, **kwargs)
-
-    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counted_checkpoint)
+def test_the_lora_gradient_is_the_same_for_any_grouping_and_with_checkpointing(policy, checkpoint_recomputations):
     denoiser, minibatch = policy
     one_at_a_time = lora_gradient(denoiser, minibatch, 1)
     assert all(p.grad.abs().max() > 0 for p in denoiser.unet.parameters() if p.requires_grad)
@@ -132,4 +123,4 @@ def test_the_lora_gradient_is_the_same_for_any_grouping_and_with_checkpointing(p
     checkpointed = replace(denoiser, unet=copy.deepcopy(denoiser.unet))
     checkpointed.unet.enable_gradient_checkpointing()
     torch.testing.assert_close(lora_gradient(checkpointed, minibatch, 3), one_at_a_time, **tolerance)
-    assert recomputed, "diffusers did not checkpoint any block"
+    assert checkpoint_recomputations, "diffusers did not checkpoint any block"

@@ -135,9 +135,8 @@ def evaluate_members(members, tests, loss_name, batch_size):
     """Each member's `evaluate` on its own held-out ratings, averaged over the members: how well a CNN does on
     ratings it did not learn from (their mean, the ensemble, does a little better still)."""
     records = [evaluate(member, test, loss_name, batch_size) for member, test in zip(members, tests)]
-    names = {name for record in records for name in record}
     means = {}
-    for name in sorted(names):
+    for name in dict.fromkeys(name for record in records for name in record):  # in evaluate's order
         values = [r[name] for r in records if r.get(name) is not None]
         means[name] = sum(values) / len(values) if values else None
     return means
