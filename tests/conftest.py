@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,6 +128,20 @@ def generators(seeds):
 
 
 FP16_ATOL = 2e-3  # latents are saved in fp16: |x| < 4 rounds by at most 0.001
+
+
+def assert_same_image(folder_a, folder_b, name):
+    """The image `name` of two rounds made by two code paths (e.g. a checkpoint loaded from its file and from
+    its folder) is the same within rounding: those paths may sum floats in another order, so the saved
+    latents may differ by an fp16 step and a pixel by 1 of 255, depending on the CPU."""
+    from PIL import Image
+
+    from utils.samples import latent_file, load_latent
+    with Image.open(Path(folder_a) / name) as a, Image.open(Path(folder_b) / name) as b:
+        pixels_a, pixels_b = (torch.from_numpy(np.asarray(image).astype(np.int16)) for image in (a, b))
+    assert pixels_a.shape == pixels_b.shape and (pixels_a - pixels_b).abs().max() <= 1, name
+    torch.testing.assert_close(load_latent(latent_file(str(folder_a), name)),
+                               load_latent(latent_file(str(folder_b), name)), atol=FP16_ATOL, rtol=1e-3)
 
 
 def assert_made_with_lora(pipeline, lora_file, latents, latents_of):

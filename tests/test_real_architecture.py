@@ -11,15 +11,13 @@ import os
 import resource
 import time
 
-import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from PIL import Image
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from conftest import assert_ok, run_script
+from conftest import assert_ok, assert_same_image, run_script
 from ldm_checkpoint import write_single_file
 from test_checkpoint_file import SEEDS, planned_round
 from utils.checkpoint import CONFIGS, clip_tokenizers
@@ -82,9 +80,8 @@ def test_sd15s_architecture_runs_every_stage_from_a_folder_and_from_a_single_fil
     stage("generate", f"--generate_sample_size={len(SEEDS)}", "--generate_batch_size=3")
     names = round_images(folders["file"] / "samples")
     assert names == round_images(folders["folder"] / "samples") and len(names) == len(SEEDS)
-    for name in names:  # the same fp16 weights, loaded either way: the same pixels
-        with Image.open(folders["file"] / "samples" / name) as a, Image.open(folders["folder"] / "samples" / name) as b:
-            assert np.array_equal(np.asarray(a), np.asarray(b)), name
+    for name in names:  # the same fp16 weights, loaded either way: the same images
+        assert_same_image(folders["file"] / "samples", folders["folder"] / "samples", name)
     for folder in folders.values():
         rate_by_latent_channel(str(folder / "samples"), channel=0)
         os.remove(latent_file(str(folder / "samples"), names[0]))  # train_reward encodes this one with the VAE
