@@ -2,7 +2,7 @@
 
     python demo.py [--name=value ...]      (settings are passed on to every stage, e.g. --device=cpu)
 
-Builds a tiny SD1.5-shaped checkpoint (utils/tiny_checkpoint.py) in demo/checkpoint, then runs the
+Builds a tiny SD1.5-shaped checkpoint (tools/tiny_checkpoint.py) in demo/checkpoint, then runs the
 real stage scripts for two rounds, as you would, with a scripted rater in your place:
 
     generate.py -> rate (brighter = better) -> train_reward.py -> train_policy.py -> generate.py with the LoRA -> ...
@@ -28,12 +28,12 @@ import subprocess
 import sys
 import time
 
+from tools.scripted_rater import brightness_values, calibration_of, scores_from_values
 from utils.cli import SettingsError, images_per_epoch, parse_settings, stage_paths
 from utils.files import write_json_atomic
-from utils.rating_order import read_rating_order, update_rating_order
-from utils.reward_model import reward_model_metadata
+from utils.ratings import read_rating_order, update_rating_order
+from utils.reward_files import reward_model_metadata
 from utils.samples import ROUND_FILE, round_images
-from utils.scripted_rater import brightness_values, calibration_of, scores_from_values
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MARKER = ".almostperfect_demo"  # a folder holding this is the demo's own, safe to clear on a rerun
@@ -46,7 +46,7 @@ DEMO_SETTINGS = {
     "height": 64, "width": 64,  # the smallest size the reward CNN takes (8x8 latents)
     "generate_sample_size": 96, "generate_batch_size": 16,  # ratings per round; 20% of them test the reward model
     "train_reward_num_epochs": 30, "train_reward_batch_size": 16, "train_reward_test_split_ratio": 0.2,
-    "train_reward_loss": "ranking",  # with the 4-CNN ensemble, what benchmark_ratings.py measured best for few ratings
+    "train_reward_loss": "ranking",  # with the 4-CNN ensemble, what tools/benchmark_ratings.py measured best for few ratings
     "lora_rank": 4,
     "train_sample_batch_size": 16, "train_sample_num_batches_per_epoch": 2,
     "train_policy_batch_size": 32,  # one optimizer step per epoch on all of its images
@@ -122,7 +122,7 @@ def mean_std(values):
 def run_demo(folder, rounds=ROUNDS, epochs_per_round=POLICY_EPOCHS_PER_ROUND, extra_args=(),
              ratings_per_round=RATINGS_PER_ROUND):
     """Build the tiny checkpoint and run `rounds` rounds of the loop in `folder`; returns the summary."""
-    from utils.tiny_checkpoint import build_tiny_checkpoint
+    from tools.tiny_checkpoint import build_tiny_checkpoint
 
     started = time.perf_counter()
     settings = demo_settings(folder)

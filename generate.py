@@ -22,13 +22,21 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from utils.checkpoint import model_family, model_identity
-from utils.cli import UserError, run_stage
+from utils.cli import run_stage
+from utils.errors import UserError
 from utils.files import crash_point, read_json, write_json_atomic, writing
 from utils.locks import folder_lock
-from utils.lora import latest_lora, load_lora_into_pipeline, ui_lora_name
-from utils.samples import (ROUND_FILE, archive_round, finish_interrupted_archive, latent_file, round_images,
-                           save_latent, webui_parameters)
-from utils.sampling import decode_latents, load_pipeline
+from utils.lora_files import latest_lora, load_lora_into_pipeline, ui_lora_name
+from utils.pipeline import decode_latents, load_pipeline
+from utils.samples import (
+    ROUND_FILE,
+    archive_round,
+    finish_interrupted_archive,
+    latent_file,
+    round_images,
+    save_latent,
+    webui_parameters,
+)
 
 USED_SETTINGS = ["checkpoint_path", "checkpoint_config", "sample_path", "score_path", "comparison_path", "lora_path",
                  "lora_name_prefix", "generate_lora", "device",

@@ -17,7 +17,7 @@ Reads   samples/<seed>.png and its `parameters` text chunk (prompt, seed, LoRA),
 Writes  samples/scores.json at every change, atomically; scores of files not in the round are kept.
         samples/comparisons.json at every comparison, atomically (appended; earlier ones are kept).
         A file of the two that is not in its format is renamed to <name>.invalid-<time>, never deleted.
-        samples/rating_order.json (utils/rating_order.py) when a reward model is newer than it.
+        samples/rating_order.json (ddpo/rating_order.py) when a reward model is newer than it.
 Serves  the page in utils/score_page/ and the round's PNGs, nothing else (not latents/, not history/).
 Only to the person at this machine: requests naming another host (DNS rebinding), writes from another
 web page (their Origin), and framing by another site are refused; see check_request. While it runs,
@@ -38,13 +38,28 @@ import webbrowser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
-from utils.cli import UserError, run_stage
-from utils.files import (MAX_SCORE, MIN_SCORE, WINNERS, comparisons_format_problem, parse_json, read_json,
-                         round_file_problem, scores_format_problem, write_json_atomic)
+from ddpo.rating_order import next_pairs
+from utils.cli import run_stage
+from utils.errors import UserError
+from utils.files import parse_json, read_json, write_json_atomic
 from utils.locks import FolderLock
-from utils.rating_order import next_pairs, read_rating_order, update_rating_order
-from utils.samples import (finish_interrupted_archive, is_round_image, parse_webui_parameters, read_png_parameters,
-                           round_images)
+from utils.ratings import (
+    MAX_SCORE,
+    MIN_SCORE,
+    WINNERS,
+    comparisons_format_problem,
+    read_rating_order,
+    round_file_problem,
+    scores_format_problem,
+    update_rating_order,
+)
+from utils.samples import (
+    finish_interrupted_archive,
+    is_round_image,
+    parse_webui_parameters,
+    read_png_parameters,
+    round_images,
+)
 
 USED_SETTINGS = ["sample_path", "score_path", "comparison_path", "reward_model_path", "score_host", "score_port",
                  "score_open_browser"]
@@ -149,7 +164,7 @@ class RatingRound:
             self.comparisons = comparisons
 
     def next_pair(self):
-        """{"a", "b"}: the pair to compare next (most informative, see utils/rating_order.py), or Nones if none is left."""
+        """{"a", "b"}: the pair to compare next (most informative, see ddpo/rating_order.py), or Nones if none is left."""
         names = round_images(self.sample_path)
         pairs = next_pairs(names, read_rating_order(self.sample_path), self.comparisons, set(self.scores), self.random)
         a, b = pairs[0] if pairs else (None, None)

@@ -29,18 +29,21 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from ddpo.lora import add_lora
+from ddpo.ppo import compute_advantages, policy_gradient_backward
+from ddpo.precision import MixedPrecision, gradients_are_finite, resolve_mixed_precision
+from ddpo.sampling import Denoiser, prompt_conditioning, sample_with_logprob
+from ddpo.training_calls import fit_training_calls, training_call_candidates
 from utils.checkpoint import model_family
-from utils.cli import UserError, images_per_epoch, run_stage, seed_list, trained_timesteps, validate_settings
-from utils.ddpo import compute_advantages, policy_gradient_backward
+from utils.cli import images_per_epoch, run_stage, seed_list, trained_timesteps, validate_settings
+from utils.errors import UserError
 from utils.files import writing
 from utils.locks import folder_lock
-from utils.lora import add_lora, epoch_files, lora_metadata, save_lora, save_lora_card
+from utils.lora_files import epoch_files, lora_metadata, save_lora, save_lora_card
 from utils.metrics import append_jsonl, contact_sheet, plot_curves, read_jsonl
-from utils.precision import MixedPrecision, gradients_are_finite, resolve_mixed_precision
-from utils.reward_model import check_family, load_reward_model
+from utils.pipeline import decode_latents, load_pipeline, text_encoders
+from utils.reward_files import check_family, load_reward_model
 from utils.run_state import STATE_FILE, lora_is_finite, resume_training, save_run_state
-from utils.sampling import Denoiser, decode_latents, load_pipeline, prompt_conditioning, sample_with_logprob, text_encoders
-from utils.training_calls import fit_training_calls, training_call_candidates
 
 USED_SETTINGS = ["checkpoint_path", "checkpoint_config", "reward_model_path", "lora_path", "lora_name_prefix",
                  "lora_rank", "device", "attention_backend", "prompt", "negative_prompt", "height", "width",
@@ -245,7 +248,7 @@ def save_epoch(settings, epoch, pipeline, sampler, optimizer, reward_model, seed
 
 def main(settings):
     use_cuda = settings.device.startswith("cuda")
-    # Processes and devices only: precision is utils/precision.py's, whatever an accelerate config says
+    # Processes and devices only: precision is ddpo/precision.py's, whatever an accelerate config says
     accelerator = Accelerator(mixed_precision="no", cpu=not use_cuda)
     validate_settings(settings, accelerator.num_processes)
     os.makedirs(settings.lora_path, exist_ok=True)

@@ -11,10 +11,10 @@ Writes  models/reward_model.safetensors (the epoch with the best test loss, or t
         each holding out different ratings), models/reward_metrics.jsonl (loss,
         Pearson, Spearman, pairwise and comparison accuracy per epoch), models/reward_metrics.png
         (their curves) and samples/rating_order.json (the ensemble's prediction and doubt for each image
-        of the current round, which the rating page orders by; utils/rating_order.py).
+        of the current round, which the rating page orders by; ddpo/rating_order.py).
 
-The training itself (losses, split, loop, best epoch) is utils/reward_training.py, which
-benchmark_ratings.py runs too.
+The training itself (losses, split, loop, best epoch) is ddpo/reward_training.py, which
+tools/benchmark_ratings.py runs too.
 
     python train_reward.py --rank_folder=path/to/images
 
@@ -30,16 +30,17 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from utils.checkpoint import model_family
-from utils.cli import UserError, run_stage
-from utils.files import comparisons_format_problem, read_json, round_file_problem, scores_format_problem, write_json_atomic
+from ddpo.reward_model import MIN_LATENT_SIZE
+from ddpo.reward_training import OUTCOMES, Ratings, fit_reward_model, split_ratings
+from utils.checkpoint import FAMILY_NAMES, model_family
+from utils.cli import run_stage
+from utils.errors import UserError
+from utils.files import read_json, write_json_atomic
 from utils.metrics import append_jsonl, contact_sheet, plot_curves, read_jsonl
-from utils.rating_order import order_round
-from utils.reward_model import (FAMILY_NAMES, MIN_LATENT_SIZE, check_family, load_reward_model, reward_model_metadata,
-                                save_reward_model)
-from utils.reward_training import OUTCOMES, Ratings, fit_reward_model, split_ratings
+from utils.pipeline import load_pipeline
+from utils.ratings import comparisons_format_problem, order_round, round_file_problem, scores_format_problem
+from utils.reward_files import check_family, load_reward_model, reward_model_metadata, save_reward_model
 from utils.samples import history_rounds, interrupted_archives, latent_family, latent_file, lives_in, load_latent
-from utils.sampling import load_pipeline
 
 USED_SETTINGS = ["sample_path", "score_path", "comparison_path", "model_path", "reward_model_path", "checkpoint_path",
                  "checkpoint_config", "device",
@@ -105,7 +106,7 @@ def rated_rounds(settings):
 
 
 def load_ratings(settings, device):
-    """(model family, Ratings (utils/reward_training.py)) of every scored or compared image found of the
+    """(model family, Ratings (ddpo/reward_training.py)) of every scored or compared image found of the
     majority's size and family; missing images are counted."""
     latents, families, index, unencoded, missing = [], [], {}, [], 0
     scored, scores, pairs, outcomes = [], [], [], []

@@ -20,12 +20,18 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from ddpo.lora import add_lora  # noqa: E402
+from ddpo.reward_model import LatentRewardModel  # noqa: E402
+from ddpo.sampling import Denoiser  # noqa: E402
+from tools.tiny_checkpoint import (  # noqa: E402
+    CROSS_ATTENTION_DIM,
+    build_tiny_checkpoint,
+    build_tiny_sdxl_checkpoint,
+    sd15_scheduler,
+    tiny_unet,
+)
 from utils.cli import stage_paths  # noqa: E402
-from utils.lora import add_lora  # noqa: E402
-from utils.reward_model import LatentRewardModel, save_reward_model  # noqa: E402
-from utils.sampling import Denoiser  # noqa: E402
-from utils.tiny_checkpoint import (CROSS_ATTENTION_DIM, build_tiny_checkpoint, build_tiny_sdxl_checkpoint,  # noqa: E402
-                                   sd15_scheduler, tiny_unet)
+from utils.reward_files import save_reward_model  # noqa: E402
 
 # The tiny models gain nothing from threads, and on a small machine shared with other work PyTorch's
 # per-core threads make them many times slower. OMP_NUM_THREADS, when set, wins.

@@ -8,8 +8,8 @@ import threading
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from utils.cli import parse_settings
 import score
+from utils.cli import parse_settings
 from utils.samples import webui_parameters
 
 WIDTH, HEIGHT = 96, 144  # the 2:3 shape of the default 720x1080, small

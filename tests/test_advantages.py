@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from utils.ddpo import compute_advantages
+from ddpo.ppo import compute_advantages
 
 
 def test_advantages_are_rewards_normalised_with_the_sample_std_then_clipped():

@@ -13,13 +13,16 @@ from safetensors.torch import load_file, save_file
 import generate
 import train_reward
 from conftest import snapshot
-from utils.cli import SettingsError, UserError, parse_settings
+from ddpo.lora import add_lora
+from ddpo.reward_model import LatentRewardModel
+from utils.cli import SettingsError, parse_settings
+from utils.errors import UserError
 from utils.files import parse_json
-from utils.lora import add_lora, load_lora_into_pipeline, load_lora_into_unet, save_lora
+from utils.lora_files import load_lora_into_pipeline, load_lora_into_unet, save_lora
 from utils.metrics import append_jsonl, plot_curves, read_jsonl
-from utils.reward_model import LatentRewardModel, load_reward_model, reward_model_metadata, save_reward_model
+from utils.pipeline import load_pipeline
+from utils.reward_files import load_reward_model, reward_model_metadata, save_reward_model
 from utils.samples import latent_file, load_latent, save_latent
-from utils.sampling import load_pipeline
 
 SEEDS = [1, 2, 3, 4, 5, 6]
 NESTED = "[" * 100000 + "]" * 100000

@@ -12,24 +12,29 @@ import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                 convert_ldm_vae_checkpoint)
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_clip_checkpoint,
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+)
+from ldm_checkpoint import pipeline_to_ldm, write_sd2_like_file, write_single_file
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
+from test_bad_input import assert_refused
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 import generate
 from conftest import TINY_SETTINGS, assert_ok, assert_same_image, run_script, run_scripts, snapshot, stage_paths
-from ldm_checkpoint import pipeline_to_ldm, write_sd2_like_file, write_single_file
-from test_bad_input import assert_refused
+from ddpo.lora import add_lora
+from tools.scripted_rater import rate_by_latent_channel
+from tools.tiny_checkpoint import tiny_unet
 from utils.checkpoint import CONFIGS, clip_tokenizers, file_family, load_checkpoint, model_identity, sha256_of_file
-from utils.cli import UserError, parse_settings
-from utils.lora import add_lora, latest_lora, save_lora, saved_loras, ui_lora_name
+from utils.cli import parse_settings
+from utils.errors import UserError
+from utils.lora_files import latest_lora, save_lora, saved_loras, ui_lora_name
+from utils.pipeline import load_pipeline
 from utils.samples import latent_file, parse_webui_parameters, read_png_parameters, round_images
-from utils.scripted_rater import rate_by_latent_channel
-from utils.sampling import load_pipeline
-from utils.tiny_checkpoint import tiny_unet
 
 SEEDS = [11, 22, 33, 44, 55, 66]
 DEAD_HUB = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}  # any attempt to reach a hub fails at once

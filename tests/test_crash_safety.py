@@ -11,13 +11,21 @@ import sys
 import pytest
 import torch
 from PIL import Image
-
-from conftest import REPO, assert_ok, run_script, snapshot, stage_command
 from score_round import serving
-from utils.cli import UserError, parse_settings
-from utils.samples import (archive_round, finish_interrupted_archive, history_rounds, interrupted_archives, latent_file,
-                           round_images, save_latent)
+
 import train_reward
+from conftest import REPO, assert_ok, run_script, snapshot, stage_command
+from utils.cli import parse_settings
+from utils.errors import UserError
+from utils.samples import (
+    archive_round,
+    finish_interrupted_archive,
+    history_rounds,
+    interrupted_archives,
+    latent_file,
+    round_images,
+    save_latent,
+)
 
 SEEDS = [11, 12, 13, 14]
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from utils.ddim import ddim_step_with_logprob
-from utils.tiny_checkpoint import sd15_scheduler
+from ddpo.ddim import ddim_step_with_logprob
+from tools.tiny_checkpoint import sd15_scheduler
 
 STEPS = 20
 SHAPE = (3, 4, 8, 8)

@@ -23,11 +23,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from train_policy import train_epoch, training_minibatches
-from utils.ddpo import compute_advantages
 from conftest import tiny_denoiser
-from utils.precision import MixedPrecision
-from utils.sampling import sample_with_logprob
+from ddpo.ppo import compute_advantages
+from ddpo.precision import MixedPrecision
+from ddpo.sampling import sample_with_logprob
+from train_policy import train_epoch, training_minibatches
 
 IMAGES, STEPS, GUIDANCE, ETA = 16, 3, 5.0, 1.0  # the seed's 16 images per epoch (4 x 4), few DDIM steps
 CLIP_RANGE, ADV_CLIP_MAX = 1e-4, 2.0  # the seed's defaults

@@ -1,11 +1,11 @@
-"""The GPU-memory estimate (utils/footprint.py) counts on the meta device what a real run holds: the same
+"""The GPU-memory estimate (tools/footprint.py) counts on the meta device what a real run holds: the same
 count of live tensor bytes, taken around a real forward and backward on the CPU, agrees with it."""
 
 import pytest
 import torch
 
-from utils.footprint import training_activation_bytes
-from utils.tiny_checkpoint import tiny_sdxl_unet, tiny_unet
+from tools.footprint import training_activation_bytes
+from tools.tiny_checkpoint import tiny_sdxl_unet, tiny_unet
 
 
 @pytest.mark.parametrize("family, checkpointing", [("sd15", False), ("sd15", True), ("sdxl", True)])

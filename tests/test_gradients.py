@@ -10,11 +10,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from train_policy import training_minibatches
-from utils.ddpo import policy_gradient_backward
 from conftest import tiny_denoiser
-from utils.sampling import sample_with_logprob
-from utils.training_calls import first_that_fits, halvings, training_call_candidates
+from ddpo.ppo import policy_gradient_backward
+from ddpo.sampling import sample_with_logprob
+from ddpo.training_calls import first_that_fits, halvings, training_call_candidates
+from train_policy import training_minibatches
 
 STEPS, GUIDANCE, ETA, CLIP_RANGE = 4, 5.0, 1.0, 1e-4
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 import config
 import demo
-from utils.scripted_rater import calibration_of, scores_from_values
+from tools.scripted_rater import calibration_of, scores_from_values
 
 
 @pytest.fixture(scope="module")

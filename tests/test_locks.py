@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from utils.cli import UserError
+from utils.errors import UserError
 from utils.locks import OTHER_HOST_STALE_S, FolderLock, folder_lock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

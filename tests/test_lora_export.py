@@ -11,8 +11,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import merge_webui_lora
-from utils.lora import TARGET_MODULES, add_lora, save_lora
-from utils.sampling import load_pipeline
+from ddpo.lora import TARGET_MODULES, add_lora
+from utils.lora_files import save_lora
+from utils.pipeline import load_pipeline
 
 RANK = 4
 SD15_ATTENTION_LINEARS = 128  # 16 transformer blocks x (attn1, attn2) x (to_q, to_k, to_v, to_out.0)

@@ -16,11 +16,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import FP16_ATOL, assert_made_with_lora, assert_ok, generators, run_script, snapshot
-from utils.metrics import pearson
-from utils.reward_model import load_reward_model
+from ddpo.statistics import pearson
+from tools.scripted_rater import rate_by_latent_channel
+from utils.pipeline import load_pipeline
+from utils.reward_files import load_reward_model
 from utils.samples import load_latent
-from utils.scripted_rater import rate_by_latent_channel
-from utils.sampling import load_pipeline
 
 PROMPT, NEGATIVE = "a red fox", "blurry, jpeg"
 GUIDANCE, ETA, STEPS = 5.0, 1.0, 2  # STEPS is conftest's TINY_SETTINGS num_inference_steps

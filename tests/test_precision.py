@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from conftest import run_script, tiny_denoiser
+from ddpo.lora import add_lora
+from ddpo.precision import MixedPrecision
+from ddpo.sampling import sample_with_logprob
+from tools.tiny_checkpoint import tiny_unet
 from train_policy import SKIPPED_STEPS_TO_STOP, count_skipped_steps, train_epoch, training_minibatches
-from utils.cli import UserError
-from utils.lora import add_lora, save_lora
-from utils.precision import MixedPrecision
-from utils.sampling import sample_with_logprob
-from utils.tiny_checkpoint import tiny_unet
+from utils.errors import UserError
+from utils.lora_files import save_lora
 
 
 def lora_parameters(unet):

@@ -10,17 +10,24 @@ import random
 import numpy as np
 import pytest
 import torch
+from test_reward_metrics import brightness_like_round, write_rated_round
 
 from conftest import assert_ok, run_script
-from test_reward_metrics import brightness_like_round, write_rated_round
+from ddpo.rating_order import next_pairs
+from ddpo.reward_model import LatentRewardModel, RewardEnsemble
+from ddpo.reward_training import (
+    bradley_terry_loss,
+    calibrate_to_scores,
+    predict,
+    score_ranking_loss,
+    selection_of,
+    split_indices,
+)
+from tools.scripted_rater import TASTES, NoisyRater
 from utils.files import write_json_atomic
-from utils.rating_order import next_pairs, order_round, read_rating_order, update_rating_order
-from utils.reward_model import LatentRewardModel, RewardEnsemble, load_reward_model, reward_model_metadata, save_reward_model
-from utils.reward_training import (bradley_terry_loss, calibrate_to_scores, predict, score_ranking_loss, selection_of,
-                                   split_indices)
+from utils.ratings import order_round, read_rating_order, update_rating_order
+from utils.reward_files import load_reward_model, reward_model_metadata, save_reward_model
 from utils.samples import latent_file, load_latent, save_latent
-from utils.scripted_rater import TASTES, NoisyRater
-
 
 # ---------------------------------------------------------------- losses, by hand
 
@@ -72,8 +79,8 @@ def test_the_best_epoch_is_the_lowest_test_loss_but_with_the_ranking_loss_the_be
 
 
 def test_calibration_puts_ranking_rewards_on_the_score_scale_and_keeps_their_order():
-    from utils.reward_training import Ratings
-    from utils.metrics import spearman
+    from ddpo.reward_training import Ratings
+    from ddpo.statistics import spearman
     latents, scores, _ = brightness_like_round(60)
     torch.manual_seed(0)
     model = LatentRewardModel()
@@ -194,7 +201,7 @@ def test_train_reward_learns_from_scores_and_comparisons_of_every_round_with_an_
     assert rewards.mean().item() == pytest.approx(scores[:80].mean().item(), abs=1e-3)
     assert rewards.std() <= scores[:80].std()
     fresh, _, fresh_offsets = brightness_like_round(100, seed=1)
-    from utils.metrics import spearman
+    from ddpo.statistics import spearman
     assert spearman(model(fresh), fresh_offsets) > 0.8
 
     entries = read_rating_order(str(samples))  # the current round, ordered by the members' disagreement
@@ -241,7 +248,7 @@ def test_noisy_raters_jitter_by_a_point_and_sometimes_say_anything():
 
 @pytest.mark.parametrize("method", ["baseline", "active", "active_pairs"])
 def test_the_benchmark_runs_a_method_and_measures_it(method):
-    import benchmark_ratings
+    from tools import benchmark_ratings
 
     latents, _, offsets = brightness_like_round(260)
     values = offsets.numpy()

@@ -14,15 +14,15 @@ import time
 import pytest
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from ldm_checkpoint import write_single_file
 from safetensors import safe_open
+from test_checkpoint_file import SEEDS, planned_round
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from conftest import assert_ok, assert_same_image, run_script
-from ldm_checkpoint import write_single_file
-from test_checkpoint_file import SEEDS, planned_round
+from tools.scripted_rater import rate_by_latent_channel
 from utils.checkpoint import CONFIGS, clip_tokenizers
 from utils.samples import latent_file, round_images
-from utils.scripted_rater import rate_by_latent_channel
 
 POLICY = ["--train_policy_num_epochs=1", "--train_save_freq=1", "--train_sample_batch_size=2",
           "--train_sample_num_batches_per_epoch=1", "--train_policy_batch_size=2", "--train_preview_seeds=0"]

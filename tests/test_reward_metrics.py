@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from conftest import assert_ok, run_script, snapshot
+from ddpo.statistics import spearman
 from utils.files import write_json_atomic
-from utils.metrics import spearman
-from utils.reward_model import reward_model_metadata
+from utils.reward_files import reward_model_metadata
 from utils.samples import latent_file, save_latent
 
 N_RATINGS = 200

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from conftest import generators
-from utils.ddim import ddim_step_with_logprob
-from utils.sampling import Denoiser, encode_prompt, guided_noise_pred, load_pipeline, sample_with_logprob
+from ddpo.ddim import ddim_step_with_logprob
+from ddpo.sampling import Denoiser, encode_prompt, guided_noise_pred, sample_with_logprob
+from utils.pipeline import load_pipeline
 
 PROMPT, NEGATIVE = "a neon sign", "worst quality, low quality"
 

@@ -7,7 +7,6 @@ import time
 
 import pytest
 from playwright.sync_api import expect, sync_playwright
-
 from score_round import read_json, serving, write_json, write_round
 
 CHROMIUM = "/usr/bin/chromium"

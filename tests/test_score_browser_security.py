@@ -10,7 +10,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from playwright.sync_api import sync_playwright
-
 from score_round import read_json, serving, write_round
 from test_score_browser import CHROMIUM, CHROMIUM_ARGS
 

@@ -13,9 +13,9 @@ import threading
 from urllib.parse import urlsplit
 
 import pytest
+from score_round import read_json, serving, write_json, write_round
 
 import score
-from score_round import read_json, serving, write_json, write_round
 from utils.cli import parse_settings
 from utils.files import write_json_atomic
 from utils.samples import parse_webui_parameters, read_png_parameters

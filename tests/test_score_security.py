@@ -11,10 +11,11 @@ import zlib
 import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+from score_round import read_json, serving, write_round
 
 import score
-from score_round import read_json, serving, write_round
-from utils.cli import UserError, parse_settings
+from utils.cli import parse_settings
+from utils.errors import UserError
 
 SEEDS = [2, 10, 33]
 

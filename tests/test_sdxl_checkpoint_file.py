@@ -12,20 +12,24 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                 convert_ldm_vae_checkpoint, convert_open_clip_checkpoint,
-                                                 infer_diffusers_model_type)
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_clip_checkpoint,
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
+    infer_diffusers_model_type,
+)
+from ldm_checkpoint import OPEN_CLIP_PREFIX, pipeline_to_ldm, write_single_file, write_zeros_file
 from PIL import Image
+from test_checkpoint_file import DEAD_HUB, SEEDS, planned_round
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from conftest import assert_ok, assert_same_image, run_script, run_scripts
-from ldm_checkpoint import OPEN_CLIP_PREFIX, pipeline_to_ldm, write_single_file, write_zeros_file
-from test_checkpoint_file import DEAD_HUB, SEEDS, planned_round
+from tools.scripted_rater import rate_by_latent_channel
 from utils.checkpoint import CONFIGS, clip_tokenizers, file_family, load_checkpoint, sha256_of_file
-from utils.cli import UserError
+from utils.errors import UserError
+from utils.pipeline import load_pipeline
 from utils.samples import latent_family, latent_file, parse_webui_parameters, read_png_parameters, round_images
-from utils.sampling import load_pipeline
-from utils.scripted_rater import rate_by_latent_channel
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 POLICY = ["--train_policy_num_epochs=1", "--train_save_freq=1", "--train_sample_batch_size=2",
@@ -109,7 +113,7 @@ def test_the_sdxl_file_loads_to_the_folders_weights_and_a_ckpt_too(sdxl_pipeline
 def test_without_checkpoint_config_the_sdxl_file_is_loaded_with_the_shipped_sdxl_configs(sdxl_file):
     with pytest.raises(UserError) as refused:  # the tiny widths are not SDXL's
         load_checkpoint(sdxl_file, torch.float32)
-    assert f"{sdxl_file} does not fit the SDXL base configs in {CONFIGS / 'sdxl'}" in str(refused.value)
+    assert f"{sdxl_file} does not fit the SDXL configs in {CONFIGS / 'sdxl'}" in str(refused.value)
 
 
 def real_sdxl_base():
@@ -206,5 +210,5 @@ def test_train_reward_and_train_policy_run_from_the_sdxl_file(sdxl_runs):
 
 
 def test_an_sdxl_file_with_a_config_of_the_other_family_is_one_sentence(sdxl_file, tiny_checkpoint):
-    with pytest.raises(UserError, match="holds a StableDiffusionPipeline, but the checkpoint is SDXL base"):
+    with pytest.raises(UserError, match="holds a StableDiffusionPipeline, but the checkpoint is SDXL"):
         load_checkpoint(sdxl_file, torch.float32, tiny_checkpoint)

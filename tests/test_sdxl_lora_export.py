@@ -8,13 +8,14 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import load_file
-
-from benchmark import SDXL_UNET
-from conftest import merge_webui_lora
 from test_lora_export import base_unet, trained_lora_unet
-from utils.lora import TARGET_MODULES, save_lora
-from utils.sampling import load_pipeline
-from utils.tiny_checkpoint import SDXL_CROSS_ATTENTION_DIM, SDXL_POOLED_DIM
+
+from conftest import merge_webui_lora
+from ddpo.lora import TARGET_MODULES
+from tools.benchmark import SDXL_UNET
+from tools.tiny_checkpoint import SDXL_CROSS_ATTENTION_DIM, SDXL_POOLED_DIM
+from utils.lora_files import save_lora
+from utils.pipeline import load_pipeline
 
 RANK = 4
 SDXL_ATTENTION_LINEARS = 560  # 70 transformer blocks (down 2x1 + 2x10, mid 10, up 3x10 + 3x2) x 2 attentions x 4

@@ -12,16 +12,16 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
-
-from conftest import FP16_ATOL, assert_made_with_lora, assert_ok, generators, run_script, snapshot
 from test_bad_input import assert_refused
 from test_pipeline import parse_parameters, pngs, saved_latents, seed_of
+
+from conftest import FP16_ATOL, assert_made_with_lora, assert_ok, generators, run_script, snapshot
+from ddpo.statistics import pearson
+from tools.scripted_rater import rate_by_latent_channel
 from utils.cli import stage_paths
-from utils.metrics import pearson
-from utils.reward_model import load_reward_model, reward_model_metadata
+from utils.pipeline import load_pipeline
+from utils.reward_files import load_reward_model, reward_model_metadata
 from utils.samples import latent_family, latent_file
-from utils.sampling import load_pipeline
-from utils.scripted_rater import rate_by_latent_channel
 
 PROMPT, NEGATIVE = "a red fox", "blurry, jpeg"
 GUIDANCE, ETA, STEPS = 5.0, 1.0, 2  # STEPS is conftest's TINY_SETTINGS num_inference_steps

@@ -10,14 +10,14 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from conftest import generators
-
+from ddpo.ddim import ddim_step_with_logprob
+from ddpo.lora import add_lora
+from ddpo.ppo import policy_gradient_backward
+from ddpo.sampling import Denoiser, guided_noise_pred, prompt_conditioning, sample_with_logprob
+from tools.tiny_checkpoint import sd15_scheduler
 from train_policy import training_minibatches
-from utils.ddim import ddim_step_with_logprob
-from utils.ddpo import policy_gradient_backward
-from utils.lora import add_lora
 from utils.checkpoint import model_family
-from utils.sampling import Denoiser, guided_noise_pred, load_pipeline, prompt_conditioning, sample_with_logprob
-from utils.tiny_checkpoint import sd15_scheduler
+from utils.pipeline import load_pipeline
 
 PROMPT, NEGATIVE = "a neon sign", "worst quality, low quality"
 

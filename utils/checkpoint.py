@@ -22,12 +22,12 @@ from diffusers.utils import logging as diffusers_logging
 from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
-from utils.cli import UserError
+from utils.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 CLIP_TOKENIZER = CONFIGS / "clip_tokenizer"
 PIPELINES = {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
-FAMILY_NAMES = {"sd15": "SD1.x", "sdxl": "SDXL base"}
+FAMILY_NAMES = {"sd15": "SD1.x", "sdxl": "SDXL"}
 NOT_LOADED = {"safety_checker", "feature_extractor", "image_encoder"}  # never used here; may be absent
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 HASH_BAR_BYTES = 256 * 2**20  # hashing files above this size shows a progress bar
@@ -59,7 +59,7 @@ def load_checkpoint(path, dtype, config=""):
         raise UserError(
             f"No checkpoint at {path!r}: put a diffusers folder (with model_index.json) or a WebUI/ComfyUI "
             "checkpoint file (.safetensors) there and point checkpoint_path at it (see README), or build a tiny "
-            "one with `python -m utils.tiny_checkpoint models/checkpoint`.")
+            "one with `python -m tools.tiny_checkpoint models/checkpoint`.")
     family = file_family(path)
     return _from_single_file(path, family, config_folder(config, family), bool(config), dtype)
 

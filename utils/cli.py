@@ -14,10 +14,8 @@ from types import SimpleNamespace
 import torch
 
 import config
-
-
-class UserError(Exception):
-    """Bad input from the user (a file, a setting, an entry): the message says which and what to do."""
+from ddpo.errors import TrainingDoesNotFit
+from utils.errors import UserError
 
 
 class SettingsError(UserError, ValueError):
@@ -226,7 +224,7 @@ def run_stage(main, used_settings):
     try:
         settings = parse_settings(sys.argv[1:], used_settings)
         main(settings)
-    except UserError as error:
+    except (UserError, TrainingDoesNotFit) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except torch.OutOfMemoryError as error:

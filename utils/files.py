@@ -1,4 +1,4 @@
-"""Files that stages hand to each other: written safely (temp file + rename), read safely, the scores format."""
+"""Files that stages hand to each other: written safely (temp file + rename), read safely."""
 
 import contextlib
 import json
@@ -103,35 +103,3 @@ def crash_point(name):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-MIN_SCORE, MAX_SCORE = -5, 5
-
-
-def scores_format_problem(scores):
-    """Why `scores` is not in the seed WebApp's format {"<file>.png": whole number in -5..+5}, or None."""
-    if not isinstance(scores, dict):
-        return f"not an object {{\"<seed>.png\": score}} but a {type(scores).__name__}"
-    for name, score in scores.items():
-        if isinstance(score, bool) or not isinstance(score, int) or not MIN_SCORE <= score <= MAX_SCORE:
-            return f"not in the expected format (the score of {name!r} is {score!r}, not a whole number from -5 to 5)"
-    return None
-
-
-def round_file_problem(name):
-    """Why a scores.json key cannot name a file of its round (a path, not a plain file name), or None."""
-    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
-        return f"{name!r} is not a plain file name of the round's folder"
-
-
-WINNERS = ("a", "b", "tie")  # a comparison's answer: a is better, b is better, about the same
-
-
-def comparisons_format_problem(comparisons):
-    """Why `comparisons` is not [{"a": "<file>.png", "b": "<file>.png", "winner": "a"|"b"|"tie"}, ...], or None."""
-    if not isinstance(comparisons, list):
-        return f'not a list [{{"a": "<seed>.png", "b": "<seed>.png", "winner": "a"}}, ...] but a {type(comparisons).__name__}'
-    for number, entry in enumerate(comparisons, 1):
-        if not (isinstance(entry, dict) and set(entry) == {"a", "b", "winner"} and not round_file_problem(entry["a"])
-                and not round_file_problem(entry["b"]) and entry["a"] != entry["b"] and entry["winner"] in WINNERS):
-            return (f'not in the expected format (entry {number}, {entry!r}, is not {{"a": "<file>", "b": "<another '
-                    f'file>", "winner": "a", "b" or "tie"}})')
-    return None

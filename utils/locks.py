@@ -23,7 +23,7 @@ import os
 import socket
 import time
 
-from utils.cli import UserError
+from utils.errors import UserError
 
 LOCK_NAME = ".lock"
 OTHER_HOST_STALE_S = 24 * 3600  # no way to ask another machine whether its pid still runs: trust a day

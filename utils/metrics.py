@@ -1,43 +1,10 @@
-"""Numbers and plots that show whether a stage is learning: correlations, JSON-lines logs, curves."""
+"""What shows whether a stage is learning: JSON-lines logs, curves, contact sheets."""
 
 import contextlib
 import json
 import os
 
-import torch
-
 from utils.files import appending, writing
-
-
-def pearson(a, b):
-    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
-    denominator = (a.norm() * b.norm()).item()
-    return (a @ b).item() / denominator if denominator > 0 else 0.0
-
-
-def _ranks(x):
-    """Average ranks (ties share their mean rank), as Spearman's correlation needs."""
-    order = torch.argsort(x)
-    ranks = torch.empty(len(x), dtype=torch.float64)
-    ranks[order] = torch.arange(len(x), dtype=torch.float64)
-    for value in torch.unique(x):
-        tied = x == value
-        ranks[tied] = ranks[tied].mean()
-    return ranks
-
-
-def spearman(a, b):
-    return pearson(_ranks(a), _ranks(b))
-
-
-def pairwise_accuracy(predicted, target):
-    """Share of pairs with different target scores that `predicted` orders the same way."""
-    diff_target = target[:, None] - target[None, :]
-    diff_predicted = predicted[:, None] - predicted[None, :]
-    pairs = diff_target > 0
-    if not pairs.any():
-        return 0.0
-    return (diff_predicted[pairs] > 0).double().mean().item()
 
 
 def append_jsonl(path, record):

@@ -11,9 +11,9 @@ import os
 import torch
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-from utils.cli import UserError
+from utils.errors import UserError
 from utils.files import writing
-from utils.lora import epoch_files, latest_lora, load_lora_into_unet
+from utils.lora_files import epoch_files, latest_lora, load_lora_into_unet
 
 STATE_FILE = "resume_state.pt"
 

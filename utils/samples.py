@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from utils.cli import UserError
+from utils.errors import UserError
 from utils.files import crash_point, writing
 
 # WebUI's own pattern for one `Key: value` pair of the settings line; a value may be "quoted, with commas"

@@ -17,9 +17,9 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from utils.lora import add_lora
-from utils.sampling import sdxl_time_ids
-from utils.training_calls import set_gradient_checkpointing
+from ddpo.lora import add_lora
+from ddpo.sampling import sdxl_time_ids
+from ddpo.training_calls import set_gradient_checkpointing
 
 
 class LiveTensorBytes(TorchDispatchMode):

@@ -1,11 +1,11 @@
 """Rating efficiency: how well the reward model learns a taste from N ratings, for several tastes and ways to rate.
 
-    python benchmark_ratings.py             # the README's figures: about 15 min on 2 busy shared cores
-    python benchmark_ratings.py --tastes greenness,blueness,bright_centre,sharpness --methods baseline,recommended
-    python benchmark_ratings.py --seeds 1 --sizes 50,300 --tastes brightness --methods baseline,recommended
-    python benchmark_ratings.py --seeds 1 --methods baseline,ranking,ensemble,batch_32,recommended,comparisons
+    python -m tools.benchmark_ratings             # the README's figures: about 15 min on 2 busy shared cores
+    python -m tools.benchmark_ratings --tastes greenness,blueness,bright_centre,sharpness --methods baseline,recommended
+    python -m tools.benchmark_ratings --seeds 1 --sizes 50,300 --tastes brightness --methods baseline,recommended
+    python -m tools.benchmark_ratings --seeds 1 --methods baseline,ranking,ensemble,batch_32,recommended,comparisons
 
-Scripted raters stand in for people (utils/scripted_rater.py): each likes one thing in an image (brightness,
+Scripted raters stand in for people (tools/scripted_rater.py): each likes one thing in an image (brightness,
 redness, contrast, saturation, a top-heavy image; and, to check the recommendation on tastes it was not chosen
 on, `--tastes greenness,blueness,bright_centre,sharpness`) and rates as a person does, with a point of jitter
 and an occasional rating that is not what they think. For each taste, method and number of ratings, the reward model
@@ -41,14 +41,14 @@ import torch
 from tqdm.auto import tqdm
 
 import train_reward
+from ddpo.rating_order import image_predictions, next_pairs
+from ddpo.reward_model import member_scores
+from ddpo.reward_training import OUTCOMES, Ratings, fit_reward_model, predict
+from ddpo.statistics import pairwise_accuracy, spearman
+from tools.scripted_rater import TASTES, TUNED_ON, NoisyRater, calibration_of, taste_values
 from utils.cli import parse_settings
 from utils.files import write_json_atomic
-from utils.metrics import pairwise_accuracy, spearman
-from utils.rating_order import image_predictions, next_pairs
-from utils.reward_model import member_scores
-from utils.reward_training import OUTCOMES, Ratings, fit_reward_model, predict
 from utils.samples import latent_file, load_latent, round_images
-from utils.scripted_rater import TASTES, TUNED_ON, NoisyRater, calibration_of, taste_values
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(ROOT, "bench", "rating_cache")
@@ -81,7 +81,7 @@ def cached_round():
     """(names, latents (n, 4, 8, 8), {taste: values (n,)}) of the cached round; made with generate.py if missing."""
     samples = os.path.join(CACHE, "samples")
     if len(round_images(samples)) < POOL + HELD_OUT:
-        from utils.tiny_checkpoint import build_tiny_checkpoint
+        from tools.tiny_checkpoint import build_tiny_checkpoint
 
         checkpoint = os.path.join(CACHE, "checkpoint")
         if not os.path.isfile(os.path.join(checkpoint, "model_index.json")):

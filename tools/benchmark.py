@@ -1,14 +1,14 @@
 """Speed and memory of train_policy's epoch, measured before downloading anything.
 
-    python benchmark.py --arch tiny --height 64 --width 64 --device cpu --compare --out bench/results/tiny64.json
-    python benchmark.py --arch sd15 --height 512 --width 512 --device cpu --samples 1 --steps 1 --compare
-    python benchmark.py --arch sd15 --height 1080 --width 720 --device cuda --compare
-    python benchmark.py --arch sd15 --height 1080 --width 720 --device cuda --memory_limit_gib 8
-    python benchmark.py --arch sdxl --height 1024 --width 1024 --device cuda --compare
-    python benchmark.py --arch sdxl --height 1024 --width 1024 --device cuda --memory_limit_gib 16
+    python -m tools.benchmark --arch tiny --height 64 --width 64 --device cpu --compare --out bench/results/tiny64.json
+    python -m tools.benchmark --arch sd15 --height 512 --width 512 --device cpu --samples 1 --steps 1 --compare
+    python -m tools.benchmark --arch sd15 --height 1080 --width 720 --device cuda --compare
+    python -m tools.benchmark --arch sd15 --height 1080 --width 720 --device cuda --memory_limit_gib 8
+    python -m tools.benchmark --arch sdxl --height 1024 --width 1024 --device cuda --compare
+    python -m tools.benchmark --arch sdxl --height 1024 --width 1024 --device cuda --memory_limit_gib 16
 
 Runs train_policy's own sampling and training functions on random weights: the tiny checkpoints
-(utils/tiny_checkpoint.py: tiny, tiny_sdxl), SD1.5's UNet architecture (860M parameters) or SDXL's
+(tools/tiny_checkpoint.py: tiny, tiny_sdxl), SD1.5's UNet architecture (860M parameters) or SDXL's
 (2.6B parameters, with its added conditioning), with random text embeddings. Any config.py setting can be given as --name=value, e.g. --train_timesteps_per_call=20.
 Reports seconds per image for sampling and for training, and memory: CUDA max allocated, or on
 CPU the peak resident set (each configuration runs in its own process, so peaks do not mix).
@@ -33,14 +33,14 @@ from dataclasses import replace
 import torch
 
 import config
+from ddpo.lora import add_lora
+from ddpo.precision import WEIGHT_DTYPES, MixedPrecision, resolve_mixed_precision
+from ddpo.reward_model import LatentRewardModel
+from ddpo.sampling import Denoiser, schedule_on, sdxl_time_ids
+from ddpo.training_calls import set_gradient_checkpointing, training_call_candidates
+from tools.footprint import meta_unet_inputs, training_activation_bytes, weight_bytes
 from train_policy import load_models, run_epoch
 from utils.cli import SettingsError, parse_settings, trained_timesteps
-from utils.footprint import meta_unet_inputs, training_activation_bytes, weight_bytes
-from utils.lora import add_lora
-from utils.precision import WEIGHT_DTYPES, MixedPrecision, resolve_mixed_precision
-from utils.reward_model import LatentRewardModel
-from utils.sampling import Denoiser, schedule_on, sdxl_time_ids
-from utils.training_calls import set_gradient_checkpointing, training_call_candidates
 
 SD15_UNET = dict(  # SD1.5's unet/config.json; random weights
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -134,7 +134,7 @@ def build_models(arch, settings, device, dtype, scratch):
     """(unet, scheduler, the Denoiser's prompt conditioning) as train_policy has them after loading."""
     from diffusers.utils import logging as diffusers_logging
 
-    from utils.tiny_checkpoint import build_tiny_checkpoint, build_tiny_sdxl_checkpoint, sd15_scheduler
+    from tools.tiny_checkpoint import build_tiny_checkpoint, build_tiny_sdxl_checkpoint, sd15_scheduler
 
     diffusers_logging.set_verbosity_error()  # casting a fresh UNet with .to(dtype) warns, though nothing is lost
 
@@ -162,7 +162,7 @@ def measure(arch, settings, epochs, memory_limit_gib=None):
     from accelerate import Accelerator
 
     use_cuda = settings.device.startswith("cuda")
-    accelerator = Accelerator(mixed_precision="no", cpu=not use_cuda)  # precision: utils/precision.py
+    accelerator = Accelerator(mixed_precision="no", cpu=not use_cuda)  # precision: ddpo/precision.py
     device, memory = accelerator.device, Memory(accelerator.device)
     if use_cuda and memory_limit_gib:  # behave as a smaller GPU: allocations past the limit raise out-of-memory
         torch.cuda.set_per_process_memory_fraction(
@@ -239,10 +239,10 @@ GPU_SIZES_GIB = (8, 12, 16, 24)
 
 def count_only(arch, settings, trained_steps, gpu_sizes_gib):
     """--count_only: FLOPs and the estimated GPU memory of a training step from the architecture alone (meta
-    device, utils/footprint.py), and the training call `auto` would settle on for each GPU size."""
+    device, tools/footprint.py), and the training call `auto` would settle on for each GPU size."""
     from diffusers.utils import logging as diffusers_logging
 
-    from utils.tiny_checkpoint import tiny_sdxl_unet, tiny_unet
+    from tools.tiny_checkpoint import tiny_sdxl_unet, tiny_unet
 
     diffusers_logging.set_verbosity_error()  # casting the meta UNet to fp16 warns, though nothing is lost
     config = {"sd15": SD15_UNET, "sdxl": SDXL_UNET}.get(arch) or dict(

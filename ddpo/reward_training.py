@@ -1,6 +1,6 @@
 """How the reward CNN learns from ratings: the losses, the train/test split and the training loop.
 
-train_reward.py calls `fit_reward_model` on the ratings it read; benchmark_ratings.py calls the same
+train_reward.py calls `fit_reward_model` on the ratings it read; tools/benchmark_ratings.py calls the same
 function on a scripted rater's ratings, so what the benchmark measures is what train_reward does.
 
 A person's ratings are of two kinds, and one model learns from both together:
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from utils.metrics import pairwise_accuracy, pearson, spearman
-from utils.reward_model import LatentRewardModel, RewardEnsemble
+from ddpo.reward_model import LatentRewardModel, RewardEnsemble
+from ddpo.statistics import pairwise_accuracy, pearson, spearman
 
 OUTCOMES = {"a": 1.0, "b": 0.0, "tie": 0.5}  # a comparison's winner -> P(a is better than b)
 

@@ -6,7 +6,7 @@ doubled, rounded and clipped to -5..5, in exactly the format the rating page wri
 ({"<seed>.png": int}). Standardised over the round itself by default; with a `calibration` (the
 mean and std of an earlier round's values) a value always gets the same score, so rounds compare.
 
-benchmark_ratings.py needs raters with other tastes (TASTES: a value per image, higher = liked
+tools/benchmark_ratings.py needs raters with other tastes (TASTES: a value per image, higher = liked
 more) who rate as people do (NoisyRater): a point of jitter, now and then a rating that is not
 what they think at all, and comparisons ("a", "b" or "tie") from the same noisy judgement.
 """
@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from utils.files import MAX_SCORE, MIN_SCORE, write_json_atomic
+from utils.files import write_json_atomic
+from utils.ratings import MAX_SCORE, MIN_SCORE
 from utils.samples import latent_file, load_latent, round_images
 
 

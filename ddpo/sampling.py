@@ -1,4 +1,4 @@
-"""Loading the pipeline, the guided UNet, and the DDPO sampling loop (DDIM + CFG, per-step log-probs).
+"""The guided UNet and the DDPO sampling loop (DDIM + CFG, per-step log-probs).
 
 Both families go through the same code: SD1.x conditions the UNet on the text encoder's hidden states;
 SDXL also on "added conditioning" (the second text encoder's pooled embedding and the image's size and
@@ -10,42 +10,17 @@ from dataclasses import dataclass
 from typing import Callable, ContextManager
 
 import torch
-from diffusers import DDIMScheduler
-from diffusers.utils import logging as diffusers_logging
+from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
-from transformers.utils import logging as transformers_logging
 
-from utils.checkpoint import load_checkpoint, model_family
-from utils.ddim import ddim_step_with_logprob
-
-
-def load_pipeline(checkpoint_path, device, dtype, checkpoint_config=""):
-    """The pipeline at `checkpoint_path` (a diffusers folder or one WebUI/ComfyUI checkpoint file; see
-    utils/checkpoint.py) with a DDIM scheduler, no safety checker, on `device`."""
-    diffusers_logging.disable_progress_bar()  # a bar per component load; the stage draws its own bars
-    transformers_logging.disable_progress_bar()
-    pipeline = load_checkpoint(checkpoint_path, dtype, checkpoint_config)
-    # A checkpoint that ships another sampler's config (SDXL's Euler) lacks DDIM's keys, whose defaults
-    # (clip x0 to [-1, 1], no noise in the last step) are wrong for latents and make the last log-prob undefined.
-    missing = {k: v for k, v in {"clip_sample": False, "set_alpha_to_one": False}.items()
-               if k not in pipeline.scheduler.config}
-    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config, **missing)
-    schedule_on(pipeline.scheduler, device)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline.to(device)
+from ddpo.ddim import ddim_step_with_logprob
 
 
 def schedule_on(scheduler, device):
     """Keep the noise schedule where the latents are: DDIM steps then look it up without a host sync."""
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
     return scheduler
-
-
-def text_encoders(pipeline):
-    """The pipeline's text encoders (SDXL has two), e.g. to move them off the GPU once the prompt is encoded."""
-    encoders = (pipeline.text_encoder, getattr(pipeline, "text_encoder_2", None))
-    return [encoder for encoder in encoders if encoder is not None]
 
 
 @dataclass
@@ -55,7 +30,7 @@ class Denoiser:
     The embeddings are the prompt's and the negative prompt's, (1, 77, dim) each, computed once per run.
     SDXL's added conditioning, None for SD1.x: {"text_embeds": (1, pooled dim), "time_ids": (1, 6)} for
     each of the two, passed to every UNet call as `added_cond_kwargs`.
-    `autocast` is entered around every UNet call (utils/precision.py: mixed precision).
+    `autocast` is entered around every UNet call (ddpo/precision.py: mixed precision).
     """
     unet: torch.nn.Module
     scheduler: DDIMScheduler
@@ -85,7 +60,7 @@ def sdxl_time_ids(height, width):
 def prompt_conditioning(pipeline, prompt, negative_prompt, height, width, device):
     """Everything the Denoiser takes from the prompts, for either family: its keyword arguments
     positive_embeds, negative_embeds (1, 77, dim) and, for SDXL, positive_added and negative_added."""
-    if model_family(pipeline) == "sd15":
+    if not isinstance(pipeline, StableDiffusionXLPipeline):  # SD1.x
         positive, negative = encode_prompt(pipeline, prompt, negative_prompt, device)
         return {"positive_embeds": positive, "negative_embeds": negative}
     positive, negative, pooled, negative_pooled = pipeline.encode_prompt(
@@ -143,19 +118,3 @@ def sample_with_logprob(denoiser, generators, height, width, num_inference_steps
     }
 
 
-@torch.no_grad()
-def decode_latents(pipeline, latents):
-    """(batch, 4, h/8, w/8) final latents -> list of PIL images, decoded where the VAE is.
-
-    SDXL's VAE decodes in fp32 when its config asks for it (force_upcast: its fp16 decode overflows), as
-    StableDiffusionXLPipeline does; StableDiffusionPipeline ignores the flag, and so does this for SD1.x.
-    """
-    vae = pipeline.vae
-    upcast = model_family(pipeline) == "sdxl" and vae.dtype == torch.float16 and vae.config.force_upcast
-    if upcast:
-        vae.to(dtype=torch.float32)
-    latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
-    images = vae.decode(latents, return_dict=False)[0]
-    if upcast:
-        vae.to(dtype=torch.float16)
-    return pipeline.image_processor.postprocess(images, output_type="pil")

@@ -3,8 +3,8 @@
 Same module names as SD1.5 or SDXL (so LoRA keys are exactly those of a real LoRA of that family),
 tiny widths. Tests use them, and so does demo.py, which runs the whole loop on the SD1.5 one:
 
-    python -m utils.tiny_checkpoint models/tiny_checkpoint
-    python -m utils.tiny_checkpoint --sdxl models/tiny_sdxl_checkpoint
+    python -m tools.tiny_checkpoint models/tiny_checkpoint
+    python -m tools.tiny_checkpoint --sdxl models/tiny_sdxl_checkpoint
 
 Random weights alone make a poor stand-in: a random UNet's noise predictions blow the latents up
 through DDIM (std ~16) and a random VAE decodes any latent to near-uniform grey, so there is nothing
@@ -30,8 +30,14 @@ import sys
 import tempfile
 
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
-                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 CROSS_ATTENTION_DIM = 32

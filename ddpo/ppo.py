@@ -2,8 +2,8 @@
 
 import torch
 
-from utils.ddim import ddim_step_with_logprob
-from utils.sampling import guided_noise_pred
+from ddpo.ddim import ddim_step_with_logprob
+from ddpo.sampling import guided_noise_pred
 
 
 def compute_advantages(rewards, clip_max):
