@@ -33,6 +33,7 @@ generate_lora = "latest"  # "latest" = newest outputs/diffusers_lora_epoch_N.saf
 generate_vae_slicing = True  # decode a batch one image at a time: same images, a fraction of the VAE's memory
 generate_vae_tiling = False  # decode in tiles: needed only far above 1024 px on small GPUs; may show faint seams
 prompt = "a neon sign"
+prompt_file = ""  # one prompt per line, {a|b|c} variants, # comments (utils/prompts.py); "" = the single prompt above
 negative_prompt = "worst quality, low quality"
 height = 1080  # pixels, a multiple of 8 (latents are height/8 x width/8)
 width = 720  # pixels, a multiple of 8

@@ -1,0 +1,79 @@
+"""Prompt sets: `prompt_file` holds one prompt per line, each line may hold `{a|b|c}` variants.
+
+    # a comment; blank lines are ignored too
+    a {red|blue} car at {dawn|night}
+    a portrait of a cat
+
+Each image's prompt is a pure function of its seed (prompt_for_seed): the same seed gives the same
+prompt on a rerun, after a resume and on any number of processes, as it gives the same noise. An
+empty prompt_file is the single `prompt` setting, exactly as without prompt sets.
+"""
+
+import random
+import re
+
+from utils.errors import UserError
+
+VARIANTS = re.compile(r"\{([^{}]*)\}")  # one {a|b|c} group, not nested (WebUI's Dynamic Prompts syntax)
+
+
+def check_line(path, number, line):
+    """Refuse a line whose braces do not pair up or hold an empty group; names the file and line."""
+    without_groups = VARIANTS.sub("", line)
+    if "{" in without_groups or "}" in without_groups:
+        raise UserError(f"{path}, line {number}: the braces of {line!r} do not pair up (variants are written "
+                        "{a|b|c}, not nested): fix that line.")
+    for group in VARIANTS.findall(line):
+        if not group.strip() or any(not variant.strip() for variant in group.split("|")):
+            raise UserError(f"{path}, line {number}: {line!r} has an empty variant in {{{group}}}: fix that line.")
+
+
+def read_prompt_file(path):
+    """The prompt lines of `path` (comments and blank lines dropped); UserError naming the file and line."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as error:
+        raise UserError(f"cannot read prompt_file {path} ({error.strerror}): check the path, or set "
+                        "--prompt_file= to use the single prompt setting.") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise UserError(f"{path}, line {line}: not UTF-8 text; save the file as UTF-8.") from None
+    lines = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if line:
+            check_line(path, number, line)
+            lines.append((number, line))
+    if not lines:
+        raise UserError(f"prompt_file {path} holds no prompt (only comments or blank lines): write one prompt "
+                        "per line, or set --prompt_file= to use the single prompt setting.")
+    return [line for _, line in lines]
+
+
+def prompt_lines(settings):
+    """The run's prompt lines: prompt_file's, or [prompt] when prompt_file is empty."""
+    return read_prompt_file(settings.prompt_file) if settings.prompt_file else [settings.prompt]
+
+
+def expand(line, rng):
+    """`line` with each {a|b|c} group replaced by one of its variants, drawn from `rng` (random.Random)."""
+    return VARIANTS.sub(lambda match: rng.choice(match.group(1).split("|")).strip(), line)
+
+
+def prompt_for_seed(lines, seed):
+    """The prompt of the image with this seed: a line, then its variants, drawn by the seed alone.
+
+    A list of one line without variants gives that line for every seed, so the single prompt is unchanged.
+    """
+    if len(lines) == 1 and not VARIANTS.search(lines[0]):
+        return lines[0]
+    rng = random.Random(seed)
+    return expand(lines[rng.randrange(len(lines))], rng)
+
+
+def longest_expansions(line):
+    """One expansion per variant position that is longest in characters: what a length check needs."""
+    return VARIANTS.sub(lambda match: max(match.group(1).split("|"), key=len).strip(), line)
