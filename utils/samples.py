@@ -195,3 +195,16 @@ def parse_webui_parameters(text):
     prompt = "\n".join(prompt_lines).strip()
     loras = [(name, weight or "1") for name, weight in _LORA_TAG.findall(prompt)]
     return {"prompt": prompt, "negative_prompt": "\n".join(negative_lines), "loras": loras, "settings": settings}
+
+
+def round_prompts(folder):
+    """{"<seed>.png": its prompt} for the round in `folder` (the current one or one in history/), from round.json:
+    its "prompts" {"<seed>": prompt} when the round was made from a prompt_file, else the round's one prompt.
+    {} when the folder has no readable round.json (its images then count as one prompt group)."""
+    try:
+        with open(os.path.join(folder, ROUND_FILE), encoding="utf-8") as f:
+            current = json.load(f)
+        seeds, prompts, prompt = current["seeds"], current.get("prompts", {}), current["parameters"]["prompt"]
+        return {f"{seed}.png": str(prompts.get(str(seed), prompt)) for seed in seeds}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return {}
