@@ -11,19 +11,19 @@ import torch
 
 # ---------------------------------------------------------------- paths
 sample_path = "samples/"  # the current round: <seed>.png, latents/, scores.json; history/ holds earlier rounds
-score_path = "samples/scores.json"  # {"<seed>.png": score in -5..+5}, the seed WebApp's format
+score_path = "samples/scores.json"  # {"<seed>.png": score in -5..+5}, the original WebApp's format
 comparison_path = "samples/comparisons.json"  # [{"a": "<seed>.png", "b": "<seed>.png", "winner": "a"|"b"|"tie"}]
 model_path = "models/"  # reward model and its metrics are written here
-checkpoint_path = "models/checkpoint"  # SD1.x or SDXL: a diffusers folder (model_index.json, unet/, ...) or one WebUI/ComfyUI .safetensors file
-checkpoint_config = ""  # a diffusers folder whose configs + tokenizer load a single-file checkpoint ("" = those shipped in utils/configs/)
+checkpoint_path = "models/checkpoint"  # SD1.x or SDXL: a diffusers folder or one WebUI/ComfyUI .safetensors/.ckpt
+checkpoint_config = ""  # a diffusers folder whose configs load a single-file checkpoint ("" = utils/configs/)
 reward_model_path = "models/reward_model.safetensors"  # latent CNN weights (+ .json with its metadata)
 lora_path = "outputs/"  # LoRAs (diffusers and WebUI/kohya format), optimizer state, metrics, plots
-lora_name_prefix = ""  # put before every LoRA file's name (e.g. "neon_"), so two runs' LoRAs can share one WebUI models/Lora/
+lora_name_prefix = ""  # before every LoRA file name (e.g. "neon_"), so two runs can share one WebUI models/Lora/
 
 # ---------------------------------------------------------------- model
 lora_rank = 32  # rank r of the UNet LoRA; lora_alpha = r, so WebUI applies it at scale 1
 device = "cuda" if torch.cuda.is_available() else "cpu"
-mixed_precision = "auto"  # training: "fp16" (the seed's; auto on cuda), "bf16" (no overflow, Ampere+), "no" (fp32; auto on cpu)
+mixed_precision = "auto"  # "fp16" (upstream's; auto on cuda), "bf16" (no overflow, Ampere+), "no" (fp32; auto on cpu)
 attention_backend = "sdpa"  # "sdpa" (PyTorch's fused attention) or "xformers" (if installed)
 
 # ---------------------------------------------------------------- generation (stage 1, and the policy's sampler)
@@ -42,19 +42,20 @@ guidance_scale = 5.0  # classifier-free guidance; 1 turns it off
 eta = 1.0  # DDIM noise (0 = deterministic); DDPO needs eta > 0 for its log-probabilities
 
 # ---------------------------------------------------------------- rating page (stage 2)
-score_host = "127.0.0.1"  # address the page listens on; anything but loopback lets the network see and change your ratings
+score_host = "127.0.0.1"  # anything but loopback lets your network see and change your ratings
 score_port = 7870  # if taken, any free port is used (0 = always any free port); not 7860, which is WebUI's
 score_open_browser = True  # open the page in the default browser at start
 
 # ---------------------------------------------------------------- reward model (stage 3)
+train_reward_recipe = "upstream"  # or "few_ratings": ranking loss, batches of 32, 3e-3; better below ~1000 ratings
 train_reward_num_epochs = 10
-train_reward_batch_size = 100  # ratings per AdamW step (the seed's); 32 learns more from a few hundred ratings
-train_reward_test_split_ratio = 0.1  # share of the ratings held out to measure the model (fixed shuffle); each CNN of the ensemble holds out another
+train_reward_batch_size = 100  # ratings per AdamW step
+train_reward_test_split_ratio = 0.1  # share of ratings held out to measure the model; each CNN holds out another
 train_reward_learning_rate = 1e-3  # AdamW
 train_reward_use_history = True  # also learn from rated rounds in samples/history/
 train_reward_flip_augment = True  # random horizontal flips of training latents (a mirrored image is rated the same)
-train_reward_loss = "mse"  # on scores: "mse" (the seed's) or "ranking" (pairwise logistic: order images as their scores do; better with few ratings; the saved epoch is the best held-out order, the rewards fitted to the scores' scale)
-train_reward_ensemble_size = 4  # seed CNNs from different starts; reward = their mean; their disagreement orders the rating page (1 = the seed's)
+train_reward_loss = "mse"  # on scores: "mse" (upstream's) or "ranking" (pairwise logistic: only their order counts)
+train_reward_ensemble_size = 4  # CNNs from different random starts; reward = their mean; 1 = upstream's single CNN
 train_reward_min_correlation = 0.3  # below this test-set Pearson correlation, warn that the model is not worth a policy
 rank_folder = ""  # a folder of images: train_reward.py ranks it with the trained model (best first) instead of training
 
@@ -63,12 +64,12 @@ train_policy_num_epochs = 50  # the run stops at this epoch number, counting epo
 train_save_freq = 10  # save LoRA + optimizer state every N epochs (and after the last)
 train_sample_batch_size = 4  # images per sampling call
 train_sample_num_batches_per_epoch = 4  # sampling calls per epoch: an epoch learns from batch_size x num_batches images
-train_policy_batch_size = 1  # images per UNet forward/backward (a memory knob, as in the seed); gradients accumulate
-train_optimizer_steps_per_epoch = 1  # AdamW steps per epoch, each on an equal share of its images; 1 = the seed's
+train_policy_batch_size = 1  # images per UNet forward/backward (a memory knob, as upstream); gradients accumulate
+train_optimizer_steps_per_epoch = 1  # AdamW steps per epoch, each on an equal share of its images; 1 = upstream's
 train_policy_learning_rate = 1e-4  # AdamW on the LoRA weights
 train_adv_clip_max = 2.0  # advantages (normalised rewards) are clipped to +-this
 train_clip_range = 1e-4  # PPO ratio clip range
-train_timestep_fraction = 1.0  # train on this random share of each image's timesteps (1.0 = all, the seed's behaviour)
+train_timestep_fraction = 1.0  # train on this random share of each image's timesteps (1.0 = all, as upstream)
 train_timesteps_per_call = 0  # timesteps per UNet call in training (same gradient); 0 = auto: as many as fit
 train_gradient_checkpointing = "auto"  # recompute activations: 1/4 the memory, +1/3 compute; auto = only if needed
 train_offload_frozen = True  # keep text encoder and VAE off the GPU while training (they are not needed there)

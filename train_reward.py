@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ddpo.reward_model import MIN_LATENT_SIZE
 from ddpo.reward_training import OUTCOMES, Ratings, fit_reward_model, split_ratings
 from utils.checkpoint import FAMILY_NAMES, model_family
-from utils.cli import run_stage
+from utils.cli import follows_recipe, run_stage
 from utils.errors import UserError
 from utils.files import read_json, write_json_atomic
 from utils.metrics import append_jsonl, contact_sheet, plot_curves, read_jsonl
@@ -43,12 +43,13 @@ from utils.reward_files import check_family, load_reward_model, reward_model_met
 from utils.samples import history_rounds, interrupted_archives, latent_family, latent_file, lives_in, load_latent
 
 USED_SETTINGS = ["sample_path", "score_path", "comparison_path", "model_path", "reward_model_path", "checkpoint_path",
-                 "checkpoint_config", "device",
+                 "checkpoint_config", "device", "train_reward_recipe",
                  "train_reward_num_epochs", "train_reward_batch_size", "train_reward_test_split_ratio",
                  "train_reward_learning_rate", "train_reward_use_history", "train_reward_flip_augment",
                  "train_reward_min_correlation", "train_reward_loss", "train_reward_ensemble_size", "seed",
                  "rank_folder"]
 MIN_TEST_RATINGS = 10  # fewer held-out ratings than this make the test metrics noise
+FEW_RATINGS = 1000  # upstream's ratings per round; below it the few_ratings recipe learns far more from each
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 SHEET_IMAGES = 48  # the contact sheet shows all images up to this many, else the best and worst halves
 
@@ -257,6 +258,9 @@ def main(settings):
     print(f"{len(scores)} ratings{spread}{compared}: {len(train)} to train on, {len(test)} held out to test"
           f"{different}; {FAMILY_NAMES[family]} latents {tuple(ratings.latents.shape[1:])}; loss "
           f"{settings.train_reward_loss}{' + Bradley-Terry' if compared else ''}{ensemble}")
+    if len(scores) + len(ratings.pairs) < FEW_RATINGS and follows_recipe(settings, "upstream"):
+        print("note: below ~1000 ratings, --train_reward_recipe=few_ratings learns far more: on 4 scripted tastes, 300 "
+              "ratings gave held-out Spearman 0.88 against upstream's 0.65 (docs/rating-efficiency.md).")
     if ratio == 0:
         print("note: train_reward_test_split_ratio=0 holds nothing out, so there are no test metrics and no warning "
               "if the model learned little: check it with --rank_folder on images you know.")

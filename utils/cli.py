@@ -29,6 +29,12 @@ BOOL_OR_AUTO = {"train_gradient_checkpointing"}  # True, False or "auto"
 # A file inside a folder setting follows that folder when only the folder is overridden on the command line.
 FOLLOWS = {"score_path": ("sample_path", "scores.json"), "comparison_path": ("sample_path", "comparisons.json"),
            "reward_model_path": ("model_path", "reward_model.safetensors")}
+# train_reward_recipe: values for the reward-training settings; "upstream" is config.py's, "few_ratings" what
+# tools/benchmark_ratings.py measured best below ~1000 ratings (docs/rating-efficiency.md). Both keep the split.
+REWARD_RECIPES = {
+    "upstream": {"train_reward_loss": "mse", "train_reward_batch_size": 100, "train_reward_learning_rate": 1e-3},
+    "few_ratings": {"train_reward_loss": "ranking", "train_reward_batch_size": 32, "train_reward_learning_rate": 3e-3},
+}
 
 
 def defaults():
@@ -103,9 +109,26 @@ def parse_settings(argv, used=None):
     for name, (folder, file_name) in FOLLOWS.items():
         if folder in overridden and name not in overridden:
             values[name] = os.path.join(values[folder], file_name)
+    apply_reward_recipe(values, overridden)
     settings = SimpleNamespace(**values)
     validate_settings(settings)
     return settings
+
+
+def apply_reward_recipe(values, overridden):
+    """Set train_reward_recipe's values where a setting is still upstream's: a --flag or a config.py edit wins."""
+    recipe = REWARD_RECIPES.get(values["train_reward_recipe"])
+    if recipe is None:
+        raise SettingsError(f"train_reward_recipe must be {' or '.join(map(repr, REWARD_RECIPES))} "
+                            f"(got {values['train_reward_recipe']!r}).")
+    for name, value in recipe.items():
+        if name not in overridden and values[name] == REWARD_RECIPES["upstream"][name]:
+            values[name] = value
+
+
+def follows_recipe(settings, recipe):
+    """Whether the reward-training settings are exactly that recipe's."""
+    return all(getattr(settings, name) == value for name, value in REWARD_RECIPES[recipe].items())
 
 
 def stage_paths(folder, checkpoint=None):
