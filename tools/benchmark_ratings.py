@@ -1,6 +1,6 @@
 """Rating efficiency: how well the reward model learns a taste from N ratings, for several tastes and ways to rate.
 
-    python -m tools.benchmark_ratings             # the README's figures: about 15 min on 2 busy shared cores
+    python -m tools.benchmark_ratings             # docs/rating-efficiency.md's figures: about 15 min on 2 busy cores
     python -m tools.benchmark_ratings --tastes greenness,blueness,bright_centre,sharpness --methods baseline,recommended
     python -m tools.benchmark_ratings --seeds 1 --sizes 50,300 --tastes brightness --methods baseline,recommended
     python -m tools.benchmark_ratings --seeds 1 --methods baseline,ranking,ensemble,batch_32,recommended,comparisons
@@ -9,12 +9,12 @@ Scripted raters stand in for people (tools/scripted_rater.py): each likes one th
 redness, contrast, saturation, a top-heavy image; and, to check the recommendation on tastes it was not chosen
 on, `--tastes greenness,blueness,bright_centre,sharpness`) and rates as a person does, with a point of jitter
 and an occasional rating that is not what they think. For each taste, method and number of ratings, the reward model
-is trained with train_reward's own code (utils/reward_training.fit_reward_model) on that many ratings of a
+is trained with train_reward's own code (ddpo/reward_training.fit_reward_model) on that many ratings of a
 pool of images, and measured on held-out images against the rater's noiseless taste: Spearman correlation and
 pairwise accuracy, mean and spread (std) over seeds. A comparison counts as one rating, as a score does.
 
-Methods (`baseline` is the seed's train_reward, `recommended` the settings README recommends for few ratings):
-  baseline      random images, scores; MSE, one CNN, batches of 100: the seed's settings
+Methods (`baseline` is upstream's train_reward, `recommended` the few_ratings recipe of train_reward_recipe):
+  baseline      random images, scores; MSE, one CNN, batches of 100: upstream's settings
   ranking       the baseline with the ranking loss on scores instead of MSE
   ensemble      the baseline with an ensemble of 4 CNNs (their mean is the reward)
   batch_32      the baseline with batches of 32 (more optimizer steps from few ratings)
@@ -54,7 +54,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(ROOT, "bench", "rating_cache")
 POOL, HELD_OUT = 1000, 400  # images to rate, images to measure on (never rated)
 SIZES = [50, 100, 200, 300]
-BASELINE_SIZES = [1000]  # the baseline also at the seed's 1000 ratings per round: the target to reach
+BASELINE_SIZES = [1000]  # the baseline also at upstream's 1000 ratings per round: the target to reach
 TARGET_SIZE = 300  # the target: at most this many ratings reach the baseline's Spearman at its most ratings
 
 SEED_SETTINGS = {"train_reward_loss": "mse", "train_reward_ensemble_size": 1, "train_reward_batch_size": 100}

@@ -62,13 +62,13 @@ TASTES = {
     "contrast": lambda rgb: _grey(rgb).std(),
     "saturation": lambda rgb: _saturation(rgb).mean(),
     "top_heavy": lambda rgb: (lambda g: g[: len(g) // 2].mean() - g[len(g) // 2:].mean())(_grey(rgb)),
-    # not looked at while choosing README's recommended settings: they check it on tastes it was not tuned on
+    # not looked at while choosing the few_ratings recipe: they check it on tastes it was not tuned on
     "greenness": lambda rgb: (rgb[..., 1] - rgb[..., [0, 2]].mean(-1)).mean(),
     "blueness": lambda rgb: (rgb[..., 2] - rgb[..., :2].mean(-1)).mean(),
     "bright_centre": lambda rgb: _centre_minus_border(_grey(rgb)),
     "sharpness": lambda rgb: (lambda g: np.abs(np.diff(g, axis=0)).mean() + np.abs(np.diff(g, axis=1)).mean())(_grey(rgb)),
 }
-TUNED_ON = ("brightness", "redness", "contrast", "saturation", "top_heavy")  # the README's recommendation was chosen on these
+TUNED_ON = ("brightness", "redness", "contrast", "saturation", "top_heavy")  # the few_ratings recipe was chosen on these
 
 
 def taste_values(sample_folder, tastes=("brightness",), names=None):
