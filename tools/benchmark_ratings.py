@@ -50,7 +50,7 @@ from utils.cli import parse_settings
 from utils.files import write_json_atomic
 from utils.samples import latent_file, load_latent, round_images
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, where generate.py and bench/ are
 CACHE = os.path.join(ROOT, "bench", "rating_cache")
 POOL, HELD_OUT = 1000, 400  # images to rate, images to measure on (never rated)
 SIZES = [50, 100, 200, 300]

@@ -68,7 +68,7 @@ TASTES = {
     "bright_centre": lambda rgb: _centre_minus_border(_grey(rgb)),
     "sharpness": lambda rgb: (lambda g: np.abs(np.diff(g, axis=0)).mean() + np.abs(np.diff(g, axis=1)).mean())(_grey(rgb)),
 }
-TUNED_ON = ("brightness", "redness", "contrast", "saturation", "top_heavy")  # the few_ratings recipe was chosen on these
+TUNED_ON = ("brightness", "redness", "contrast", "saturation", "top_heavy")  # the few_ratings recipe was tuned on these
 
 
 def taste_values(sample_folder, tastes=("brightness",), names=None):
