@@ -46,7 +46,7 @@ DEMO_SETTINGS = {
     "height": 64, "width": 64,  # the smallest size the reward CNN takes (8x8 latents)
     "generate_sample_size": 96, "generate_batch_size": 16,  # ratings per round; 20% of them test the reward model
     "train_reward_num_epochs": 30, "train_reward_batch_size": 16, "train_reward_test_split_ratio": 0.2,
-    "train_reward_loss": "ranking",  # with the 4-CNN ensemble, what tools/benchmark_ratings.py measured best for few ratings
+    "train_reward_loss": "ranking",  # with the 4-CNN ensemble, tools/benchmark_ratings.py's best for few ratings
     "lora_rank": 4,
     "train_sample_batch_size": 16, "train_sample_num_batches_per_epoch": 2,
     "train_policy_batch_size": 32,  # one optimizer step per epoch on all of its images
@@ -141,7 +141,8 @@ def run_demo(folder, rounds=ROUNDS, epochs_per_round=POLICY_EPOCHS_PER_ROUND, ex
         score_mean, score_std = mean_std(list(scores.values()))
         record = {"round": round_number, "lora_epochs": epochs_before, "images": len(scores), "ratings": len(rated),
                   "brightness_mean": mean_std(list(values.values()))[0], "score_mean": score_mean,
-                  "score_std": score_std, "seeds_trained_on": len(set(seeds) & policy_seeds(stage_settings, epochs_before))}
+                  "score_std": score_std,
+                  "seeds_trained_on": len(set(seeds) & policy_seeds(stage_settings, epochs_before))}
         if round_number <= rounds:
             seconds["train_reward"] = run_script("train_reward.py", settings, extra_args)
             metadata = reward_model_metadata(settings["reward_model_path"])
@@ -167,12 +168,14 @@ def run_demo(folder, rounds=ROUNDS, epochs_per_round=POLICY_EPOCHS_PER_ROUND, ex
 def print_summary(summary, folder):
     print("\n" + "=" * 78)
     print("The rater's scores of fresh samples (-5..5, brighter = better; each round new random seeds)\n")
-    print(f"{'round':>5}  {'model':<22} {'images':>6} {'rated':>5}  {'brightness':>10}  {'score':>13}  {'reward model r':>14}")
+    print(f"{'round':>5}  {'model':<22} {'images':>6} {'rated':>5}  {'brightness':>10}  {'score':>13}  "
+          f"{'reward model r':>14}")
     for record in summary["rounds"]:
         model = f"LoRA, {record['lora_epochs']} epochs" if record["lora_epochs"] else "base (no LoRA)"
         pearson = record.get("reward_model_test_pearson")
         rated = record["ratings"] if record.get("reward_model_test_pearson") is not None else "-"
-        print(f"{record['round']:>5}  {model:<22} {record['images']:>6} {rated:>5}  {record['brightness_mean']:>10.1f}  "
+        print(f"{record['round']:>5}  {model:<22} {record['images']:>6} {rated:>5}  "
+              f"{record['brightness_mean']:>10.1f}  "
               f"{record['score_mean']:>+6.2f} ± {record['score_std']:<4.2f}  "
               f"{'' if pearson is None else f'{pearson:.2f}':>14}")
     trained_on = sum(r["seeds_trained_on"] for r in summary["rounds"])

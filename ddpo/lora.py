@@ -59,6 +59,7 @@ def kohya_state_dict(peft_state_dict, alpha, family="sd15", layers_per_block=2):
         if family == "sdxl":
             module = sdxl_original_module(module, layers_per_block)
         name = "lora_unet_" + module.replace(".", "_")
-        kohya[f"{name}.lora_{'down' if kind == 'A' else 'up'}.weight"] = weight.detach().to("cpu", torch.float16).contiguous()
+        direction = "down" if kind == "A" else "up"
+        kohya[f"{name}.lora_{direction}.weight"] = weight.detach().to("cpu", torch.float16).contiguous()
         kohya[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float16)
     return kohya

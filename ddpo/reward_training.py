@@ -124,7 +124,8 @@ def evaluate(model, ratings, loss_name, batch_size):
                                      predicted[ratings.pairs], ratings.outcomes).item()}
     if len(ratings.scores):
         on_scored = predicted[ratings.scored]
-        record |= {"test_pearson": pearson(on_scored, ratings.scores), "test_spearman": spearman(on_scored, ratings.scores),
+        record |= {"test_pearson": pearson(on_scored, ratings.scores),
+                   "test_spearman": spearman(on_scored, ratings.scores),
                    "test_pairwise_accuracy": pairwise_accuracy(on_scored, ratings.scores)}
     if len(ratings.pairs):
         record["test_comparison_accuracy"] = comparison_accuracy(predicted, ratings.pairs, ratings.outcomes)
@@ -240,7 +241,8 @@ def fit_reward_model(settings, ratings, on_epoch=None):
     optimizers = [torch.optim.AdamW(m.parameters(), lr=settings.train_reward_learning_rate) for m in members]
     best, best_state = None, None
     for epoch in range(1, settings.train_reward_num_epochs + 1):
-        train_loss = sum(train_one_epoch(m, o, train, settings) for m, o, (train, _) in zip(members, optimizers, splits))
+        train_loss = sum(train_one_epoch(m, o, train, settings)
+                         for m, o, (train, _) in zip(members, optimizers, splits))
         record = {"epoch": epoch, "train_loss": train_loss / count,
                   **evaluate_members(members, [test for _, test in splits], settings.train_reward_loss,
                                      settings.train_reward_batch_size)}

@@ -82,7 +82,8 @@ def guided_noise_pred(denoiser, latents, timesteps):
     embeds = torch.cat([denoiser.negative_embeds.expand(n, -1, -1), denoiser.positive_embeds.expand(n, -1, -1)])
     added = None
     if denoiser.positive_added is not None:  # SDXL: (2n, pooled dim) and (2n, 6), uncond half first as above
-        added = {key: torch.cat([denoiser.negative_added[key].expand(n, -1), denoiser.positive_added[key].expand(n, -1)])
+        added = {key: torch.cat([denoiser.negative_added[key].expand(n, -1),
+                                 denoiser.positive_added[key].expand(n, -1)])
                  for key in denoiser.positive_added}
     with denoiser.autocast():
         noise_pred = denoiser.unet(torch.cat([latents, latents]).to(embeds.dtype), torch.cat([timesteps, timesteps]),
@@ -108,7 +109,8 @@ def sample_with_logprob(denoiser, generators, height, width, num_inference_steps
     all_latents, all_log_probs = [latents], []
     for t in tqdm(scheduler.timesteps, desc="sampling", leave=False, disable=not show_progress):
         noise_pred = guided_noise_pred(denoiser, latents, t)
-        latents, log_prob = ddim_step_with_logprob(scheduler, noise_pred, t, latents, denoiser.eta, generator=generators)
+        latents, log_prob = ddim_step_with_logprob(scheduler, noise_pred, t, latents, denoiser.eta,
+                                                   generator=generators)
         all_latents.append(latents)
         all_log_probs.append(log_prob)
     return {

@@ -84,7 +84,8 @@ def fit_training_calls(accelerator, trainer, optimizer, minibatch, candidates, c
             choice = first_that_fits(attempt, candidates, release_cuda_memory)
         except torch.OutOfMemoryError:
             checkpoint, count = candidates[-1]
-            raise TrainingDoesNotFit(f"training does not fit in GPU memory even with {count} timestep(s) per UNet call and "
+            raise TrainingDoesNotFit(
+                            f"training does not fit in GPU memory even with {count} timestep(s) per UNet call and "
                             f"gradient checkpointing {'on' if checkpoint else 'off'}: lower height/width or "
                             f"train_policy_batch_size, or set train_timesteps_per_call=0 and "
                             f"train_gradient_checkpointing=auto.") from None

@@ -97,7 +97,8 @@ def cached_round():
     if os.path.isfile(tastes_file):
         with open(tastes_file) as f:
             values = json.load(f)
-    if not os.path.isfile(tastes_file) or set(values) != set(TASTES) or any(n not in values["brightness"] for n in names):
+    if (not os.path.isfile(tastes_file) or set(values) != set(TASTES)
+            or any(n not in values["brightness"] for n in names)):
         values = taste_values(samples, tuple(TASTES), names)
         write_json_atomic(tastes_file, values)
     latents = torch.stack([load_latent(latent_file(samples, n)) for n in names])
@@ -204,7 +205,8 @@ def targets(results, goal_size):
         reached = {method: min((int(s) for s, v in by_size.items() if v["spearman"] >= goal), default=None)
                    for method, by_size in methods.items()}
         table[taste] = {"baseline_ratings": goal_size, "baseline_spearman": goal, "fewest_ratings_to_reach_it": reached,
-                        f"met_with_at_most_{TARGET_SIZE}": {m: r is not None and r <= TARGET_SIZE for m, r in reached.items()}}
+                        f"met_with_at_most_{TARGET_SIZE}": {m: r is not None and r <= TARGET_SIZE
+                                                            for m, r in reached.items()}}
     return table
 
 

@@ -98,7 +98,8 @@ def meta_unet_inputs(config, images, height, width, dtype, device="meta"):
     batch = 2 * images
     inputs = {"sample": torch.zeros(batch, config["in_channels"], height // 8, width // 8, dtype=dtype, device=device),
               "timestep": torch.zeros(batch, device=device),
-              "encoder_hidden_states": torch.zeros(batch, 77, config["cross_attention_dim"], dtype=dtype, device=device)}
+              "encoder_hidden_states": torch.zeros(batch, 77, config["cross_attention_dim"], dtype=dtype,
+                                                   device=device)}
     if config.get("addition_embed_type") == "text_time":  # SDXL: pooled text embedding + 6 size ids
         pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
         inputs["added_cond_kwargs"] = {

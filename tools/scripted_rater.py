@@ -66,7 +66,8 @@ TASTES = {
     "greenness": lambda rgb: (rgb[..., 1] - rgb[..., [0, 2]].mean(-1)).mean(),
     "blueness": lambda rgb: (rgb[..., 2] - rgb[..., :2].mean(-1)).mean(),
     "bright_centre": lambda rgb: _centre_minus_border(_grey(rgb)),
-    "sharpness": lambda rgb: (lambda g: np.abs(np.diff(g, axis=0)).mean() + np.abs(np.diff(g, axis=1)).mean())(_grey(rgb)),
+    "sharpness": lambda rgb: (lambda g: np.abs(np.diff(g, axis=0)).mean()
+                              + np.abs(np.diff(g, axis=1)).mean())(_grey(rgb)),
 }
 TUNED_ON = ("brightness", "redness", "contrast", "saturation", "top_heavy")  # the few_ratings recipe was tuned on these
 

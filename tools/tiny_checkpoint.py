@@ -286,6 +286,7 @@ def build_tiny_sdxl_checkpoint(folder):
 if __name__ == "__main__":
     arguments = sys.argv[1:]
     sdxl = "--sdxl" in arguments
-    target = next((a for a in arguments if a != "--sdxl"), "models/tiny_sdxl_checkpoint" if sdxl else "models/tiny_checkpoint")
+    default = "models/tiny_sdxl_checkpoint" if sdxl else "models/tiny_checkpoint"
+    target = next((a for a in arguments if a != "--sdxl"), default)
     (build_tiny_sdxl_checkpoint if sdxl else build_tiny_checkpoint)(target)
     print(f"tiny {'SDXL' if sdxl else 'SD1.5'}-shaped checkpoint written to {target}/")

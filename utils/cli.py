@@ -23,7 +23,7 @@ class SettingsError(UserError, ValueError):
 
 
 MIN_IMAGE_SIZE = 64  # pixels: the reward CNN's three poolings need latents of at least 8x8
-SCHEDULER_TRAINING_STEPS = 1000  # SD1.5's DDIM scheduler has 1000 noise levels; more inference steps than that repeat none
+SCHEDULER_TRAINING_STEPS = 1000  # SD1.5's DDIM scheduler has 1000 noise levels; more steps than that repeat none
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # no room on the disk, over the quota, over the size limit
 BOOL_OR_AUTO = {"train_gradient_checkpointing"}  # True, False or "auto"
 # A file inside a folder setting follows that folder when only the folder is overridden on the command line.
@@ -173,15 +173,18 @@ def validate_settings(s, num_processes=1):
         if isinstance(value, float) and not math.isfinite(value):
             raise SettingsError(f"{name} must be a finite number (got {value}).")
     if s.eta <= 0:
-        raise SettingsError(f"eta must be > 0 (got {s.eta}): with eta = 0 DDIM is deterministic and DDPO's log-probabilities are undefined.")
+        raise SettingsError(f"eta must be > 0 (got {s.eta}): with eta = 0 DDIM is deterministic and DDPO's "
+                            "log-probabilities are undefined.")
     for name in ("height", "width"):
         if getattr(s, name) <= 0 or getattr(s, name) % 8:
-            raise SettingsError(f"{name} must be a positive multiple of 8 (got {getattr(s, name)}), since latents are 1/8 of the image size.")
+            raise SettingsError(f"{name} must be a positive multiple of 8 (got {getattr(s, name)}), since latents "
+                                "are 1/8 of the image size.")
         if getattr(s, name) < MIN_IMAGE_SIZE:
             raise SettingsError(f"{name} must be at least {MIN_IMAGE_SIZE} (got {getattr(s, name)}): the reward model "
                                 f"needs latents of at least {MIN_IMAGE_SIZE // 8}x{MIN_IMAGE_SIZE // 8}.")
     if s.num_inference_steps > SCHEDULER_TRAINING_STEPS:
-        raise SettingsError(f"num_inference_steps must be at most {SCHEDULER_TRAINING_STEPS} (got {s.num_inference_steps}), "
+        raise SettingsError(f"num_inference_steps must be at most {SCHEDULER_TRAINING_STEPS} "
+                            f"(got {s.num_inference_steps}), "
                             "the number of noise levels SD1.5's scheduler was trained with.")
     if s.seed < 0:
         raise SettingsError(f"seed must be 0 or more (got {s.seed}).")
@@ -192,13 +195,15 @@ def validate_settings(s, num_processes=1):
             f"score_path {s.score_path!r} must be a file directly in sample_path {s.sample_path!r}: a round's ratings "
             f"move to history/ with its images, and a scores.json elsewhere would be left behind.")
     for name in ("generate_sample_size", "generate_batch_size", "num_inference_steps", "train_reward_num_epochs",
-                 "train_reward_batch_size", "train_reward_ensemble_size", "train_policy_num_epochs", "train_save_freq", "train_sample_batch_size",
+                 "train_reward_batch_size", "train_reward_ensemble_size", "train_policy_num_epochs", "train_save_freq",
+                 "train_sample_batch_size",
                  "train_sample_num_batches_per_epoch", "train_policy_batch_size", "train_optimizer_steps_per_epoch",
                  "lora_rank"):
         if getattr(s, name) < 1:
             raise SettingsError(f"{name} must be at least 1 (got {getattr(s, name)}).")
     if s.train_timesteps_per_call < 0:
-        raise SettingsError(f"train_timesteps_per_call must be 0 (auto) or at least 1 (got {s.train_timesteps_per_call}).")
+        raise SettingsError("train_timesteps_per_call must be 0 (auto) or at least 1 "
+                            f"(got {s.train_timesteps_per_call}).")
     per_process = images_per_epoch(s) // num_processes
     if images_per_epoch(s) % num_processes or per_process % s.train_policy_batch_size:
         processes = f" on {num_processes} processes ({per_process} each)" if num_processes > 1 else ""
@@ -222,14 +227,16 @@ def validate_settings(s, num_processes=1):
     if s.mixed_precision not in ("auto", "fp16", "bf16", "no"):
         raise SettingsError(f"mixed_precision must be auto, fp16, bf16 or no (got {s.mixed_precision!r}).")
     if set(s.lora_name_prefix) & set('/\\:<>"|?*'):
-        raise SettingsError(f"lora_name_prefix must be usable in a file name and in WebUI's <lora:NAME:1> tag: no / \\ : < > \" | ? * "
+        raise SettingsError("lora_name_prefix must be usable in a file name and in WebUI's <lora:NAME:1> tag: "
+                            "no / \\ : < > \" | ? * "
                             f"(got {s.lora_name_prefix!r}).")
     if s.attention_backend not in ("sdpa", "xformers"):
         raise SettingsError(f"attention_backend must be 'sdpa' or 'xformers' (got {s.attention_backend!r}).")
     if not s.device.startswith(("cuda", "cpu", "mps")):
         raise SettingsError(f"device must be cuda, cuda:N, cpu or mps (got {s.device!r}).")
     if s.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SettingsError(f"device is {s.device!r} but PyTorch sees no CUDA GPU; use --device=cpu or install a CUDA build of torch.")
+        raise SettingsError(f"device is {s.device!r} but PyTorch sees no CUDA GPU; use --device=cpu or install a "
+                            "CUDA build of torch.")
 
 
 def print_help(values, used):

@@ -72,7 +72,8 @@ class FolderLock:
         try:
             os.makedirs(self.folder, exist_ok=True)
         except OSError as error:  # a file of that name, no permission
-            raise UserError(f"cannot use {self.folder} as a folder ({error.strerror}); check the path setting.") from None
+            raise UserError(f"cannot use {self.folder} as a folder ({error.strerror}); "
+                            "check the path setting.") from None
         for _ in range(3):  # a stale lock is moved aside, then the creation is tried again
             try:
                 handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

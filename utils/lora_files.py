@@ -31,7 +31,7 @@ def epoch_files(folder, epoch, prefix=""):
 
 
 def ui_lora_name(diffusers_path):
-    """The WebUI name (`<lora:NAME:1>`) of the ui_lora file saved beside a diffusers_lora file (another file: its name)."""
+    """The WebUI name (`<lora:NAME:1>`) of the ui_lora file saved beside a diffusers_lora file (else its own)."""
     name = os.path.basename(diffusers_path).removesuffix(".safetensors")
     head, found, epoch = name.rpartition("diffusers_lora")
     return f"{head}ui_lora{epoch}" if found else name
@@ -75,7 +75,8 @@ def lora_metadata(settings, epoch, unet, base_model="sd15"):
         "ss_network_alpha": str(float(lora_alpha(unet))), "ss_base_model_version": version, "ss_v2": "False",
         "ss_output_name": output_name, "ss_sd_model_name": os.path.basename(os.path.normpath(settings.checkpoint_path)),
         "ss_resolution": f"({settings.width}, {settings.height})", "ss_epoch": str(epoch),
-        "ss_num_epochs": str(settings.train_policy_num_epochs), "ss_learning_rate": str(settings.train_policy_learning_rate),
+        "ss_num_epochs": str(settings.train_policy_num_epochs),
+        "ss_learning_rate": str(settings.train_policy_learning_rate),
         "ss_seed": str(settings.seed), "ss_training_comment": description,
         "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": architecture,
         "modelspec.implementation": implementation, "modelspec.title": output_name,
