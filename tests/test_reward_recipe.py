@@ -39,6 +39,13 @@ def test_a_config_py_edit_wins_over_the_recipe(monkeypatch):
     assert reward_settings(settings) == {**FEW_RATINGS, "train_reward_learning_rate": 5e-4}
 
 
+def test_help_shows_the_values_the_recipe_gives(capsys):
+    with pytest.raises(SystemExit):
+        parse_settings(["--help", "--train_reward_recipe=few_ratings"], train_reward.USED_SETTINGS)
+    out = capsys.readouterr().out
+    assert "--train_reward_batch_size=32" in out and "--train_reward_loss=ranking" in out
+
+
 def test_an_unknown_recipe_is_one_sentence_naming_the_recipes():
     with pytest.raises(SettingsError) as refusal:
         parse_settings(["--train_reward_recipe=seed"])

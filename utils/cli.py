@@ -92,11 +92,11 @@ def parse_settings(argv, used=None):
     """
     values = defaults()
     types = dict(values)
-    overridden = set()
+    overridden, wants_help = set(), False
     for arg in argv:
         if arg in ("-h", "--help"):
-            print_help(values, used)
-            sys.exit(0)
+            wants_help = True
+            continue
         if not arg.startswith("--") or "=" not in arg:
             raise SettingsError(f"Arguments look like --name=value; {arg!r} does not.")
         name, text = arg[2:].split("=", 1)
@@ -110,6 +110,9 @@ def parse_settings(argv, used=None):
         if folder in overridden and name not in overridden:
             values[name] = os.path.join(values[folder], file_name)
     apply_reward_recipe(values, overridden)
+    if wants_help:  # after the recipe, so that --help shows the values the stage would use
+        print_help(values, used)
+        sys.exit(0)
     settings = SimpleNamespace(**values)
     validate_settings(settings)
     return settings
