@@ -16,7 +16,7 @@ comparison_path = "samples/comparisons.json"  # [{"a": "<seed>.png", "b": "<seed
 model_path = "models/"  # reward model and its metrics are written here
 checkpoint_path = "models/checkpoint"  # SD1.x or SDXL: a diffusers folder or one WebUI/ComfyUI .safetensors/.ckpt
 checkpoint_config = ""  # a diffusers folder whose configs load a single-file checkpoint ("" = utils/configs/)
-reward_model_path = "models/reward_model.safetensors"  # latent CNN weights (+ .json with its metadata)
+reward_model_path = "models/reward_model.safetensors"  # latent CNN weights, metadata in the file's header
 lora_path = "outputs/"  # LoRAs (diffusers and WebUI/kohya format), optimizer state, metrics, plots
 lora_name_prefix = ""  # before every LoRA file name (e.g. "neon_"), so two runs can share one WebUI models/Lora/
 
