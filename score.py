@@ -104,16 +104,21 @@ def describe_image(folder, name, score, prompt=None):
 
     prompt: the image's prompt from round.json (a round made from a prompt_file); else the PNG's.
     """
-    try:
-        text = read_png_parameters(os.path.join(folder, name))
-    except Exception:  # noqa: BLE001 - garbage, truncated: PIL raises many kinds. The browser shows it broken;
-        text = None    # the page and every other image still work
-    parameters = parse_webui_parameters(text if isinstance(text, str) else "")
+    parameters = image_parameters(folder, name)
     width, _, height = parameters["settings"].get("Size", "").partition("x")
     return {"file": name, "score": score, "prompt": parameters["prompt"] if prompt is None else prompt,
             "seed": parameters["settings"].get("Seed", os.path.splitext(name)[0]),
             "lora": ", ".join(f"{lora}:{weight}" for lora, weight in parameters["loras"]),
             "width": _size(width), "height": _size(height)}
+
+
+def image_parameters(folder, name):
+    """The PNG's WebUI parameters (utils/samples.py parse_webui_parameters), empty ones if it has none."""
+    try:
+        text = read_png_parameters(os.path.join(folder, name))
+    except Exception:  # noqa: BLE001 - garbage, truncated: PIL raises many kinds. The browser shows it broken;
+        text = None    # the page and every other image still work
+    return parse_webui_parameters(text if isinstance(text, str) else "")
 
 
 def _size(text):
@@ -138,6 +143,13 @@ class RatingRound:
         return [describe_image(self.sample_path, name, self.scores.get(name), prompts.get(name))
                 for name in round_images(self.sample_path)]
 
+    def prompts(self):
+        """{name: its prompt} for the round's images, as images() has them (a PNG is read only when round.json
+        does not say)."""
+        prompts = round_prompts(self.sample_path)
+        return {name: prompts[name] if name in prompts else image_parameters(self.sample_path, name)["prompt"]
+                for name in round_images(self.sample_path)}
+
     def state(self):
         images = self.images()
         return {"images": images, "sample_path": self.sample_path, "score_path": self.score_path,
@@ -159,7 +171,7 @@ class RatingRound:
     def next_pair(self):
         """{"a", "b"}: the pair to compare next, two images of one prompt (most informative, see
         ddpo/rating_order.py), or Nones if none is left."""
-        prompts = {image["file"]: image["prompt"] for image in self.images()}
+        prompts = self.prompts()
         pairs = next_pairs(list(prompts), read_rating_order(self.sample_path), self.comparisons, set(self.scores),
                            self.random, groups=prompts)
         a, b = pairs[0] if pairs else (None, None)

@@ -101,11 +101,12 @@ def read_regular_file(path):
     never end; O_NONBLOCK makes opening a FIFO return at once, and fstat then tells what was opened.
     """
     descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    mode = os.fstat(descriptor).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(descriptor)
+        kind = _NOT_REGULAR.get(stat.S_IFMT(mode), "something other than a file")
+        raise OSError(errno.EINVAL, f"it is {kind}, not a regular file", path)
     with os.fdopen(descriptor, "rb") as f:
-        mode = os.fstat(descriptor).st_mode
-        if not stat.S_ISREG(mode):
-            kind = _NOT_REGULAR.get(stat.S_IFMT(mode), "not a file")
-            raise OSError(errno.EINVAL, f"it is {kind}, not a regular file", path)
         return f.read()
 
 
