@@ -7,17 +7,21 @@ The page shows a grid of the round; click an image (or press Enter) for the full
 the arrow keys move and change the score and the number keys rate and move on (the page lists them).
 Every change is saved at once, so closing the tab or stopping this script (Ctrl-C) loses nothing.
 
-The page can also show two images side by side to compare (← or → picks the better, ↓ says "about the
-same"), and order the grid "most informative first" by the reward ensemble's disagreement.
+The page can also show two images of the same prompt side by side to compare (← or → picks the better,
+↓ says "about the same"), order the grid "most informative first" by the reward ensemble's
+disagreement, and, for a round made from a prompt_file, show only the images of one prompt.
+docs/rating-page.md has the details and the page's safety rules.
 
 Reads   samples/<seed>.png and its `parameters` text chunk (prompt, seed, LoRA), as generate.py writes them
+        samples/round.json's "prompts" if it has them: each image's prompt (else the PNG's)
         samples/scores.json if it exists: {"<seed>.png": score in -5..+5}, the seed WebApp's format
         samples/comparisons.json if it exists: [{"a": "<seed>.png", "b": "<seed>.png", "winner": "a"|"b"|"tie"}]
         models/reward_model.safetensors if it exists, with samples/latents/, to order the round (see below)
 Writes  samples/scores.json at every change, atomically; scores of files not in the round are kept.
         samples/comparisons.json at every comparison, atomically (appended; earlier ones are kept).
         A file of the two that is not in its format is renamed to <name>.invalid-<time>, never deleted.
-        samples/rating_order.json (ddpo/rating_order.py) when a reward model is newer than it.
+        samples/rating_order.json (ddpo/rating_order.py) when a reward model (of this round's model family)
+        is newer than it.
 Serves  the page in utils/score_page/ and the round's PNGs, nothing else (not latents/, not history/).
 Only to the person at this machine: requests naming another host (DNS rebinding), writes from another
 web page (their Origin), and framing by another site are refused; see check_request. While it runs,
@@ -41,16 +45,14 @@ from urllib.parse import unquote, urlsplit
 from ddpo.rating_order import next_pairs
 from utils.cli import run_stage
 from utils.errors import UserError
-from utils.files import parse_json, read_json, write_json_atomic
+from utils.files import read_regular_file, write_json_atomic
 from utils.locks import FolderLock
 from utils.ratings import (
-    MAX_SCORE,
-    MIN_SCORE,
-    WINNERS,
-    comparisons_format_problem,
+    RatingsFileError,
+    read_comparisons,
     read_rating_order,
-    round_file_problem,
-    scores_format_problem,
+    read_request,
+    read_scores,
     update_rating_order,
 )
 from utils.samples import (
@@ -59,6 +61,7 @@ from utils.samples import (
     parse_webui_parameters,
     read_png_parameters,
     round_images,
+    round_prompts,
 )
 
 USED_SETTINGS = ["sample_path", "score_path", "comparison_path", "reward_model_path", "score_host", "score_port",
@@ -77,47 +80,45 @@ WILDCARD_HOSTS = {"0.0.0.0", "::", ""}
 SECURITY_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'",
                     "X-Content-Type-Options": "nosniff", "Cross-Origin-Resource-Policy": "same-origin",
                     "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+# route: (RatingRound's method that saves it, the attribute naming the file it writes)
+POSTS = {"/api/score": ("set_score", "score_path"), "/api/compare": ("add_comparison", "comparison_path")}
 
 
 # ---------------------------------------------------------------- the round and its scores
 
-def load_scores(score_path, format_problem=scores_format_problem, empty=dict, what="scores"):
-    """The saved scores (or comparisons), and a notice for the page if the file had to be set aside."""
-    if not os.path.exists(score_path):
-        return empty(), None
+def load_ratings_file(path, read, empty, what):
+    """The saved scores or comparisons (read: utils/ratings.py's reader), and a notice for the page if the file
+    had to be set aside (not JSON, not in its format): the person can go on rating, and nothing is lost."""
     try:
-        scores = read_json(score_path)
-        problem = format_problem(scores)
-    except ValueError as error:  # not JSON, not UTF-8, or nested too deeply
-        problem = f"not valid JSON ({error})"
-    except OSError as error:  # a folder in its place, no permission: nothing to set aside
-        raise UserError(f"cannot read {score_path} ({error.strerror}); fix or move it, then start again.") from None
-    if problem is None and isinstance(scores, dict):
-        outside = [name for name in scores if round_file_problem(name)]
-        if outside:  # kept as they are, but never shown, served or scored
-            print(f"warning: {score_path} has {len(outside)} entries that name no file of the round (such as "
-                  f"{outside[0]!r}); they are kept in the file and ignored.")
-    if problem is None:
-        return scores, None
-    aside = f"{score_path}.invalid-{datetime.datetime.now():%Y%m%d-%H%M%S-%f}"
-    os.replace(score_path, aside)
-    notice = f"{score_path} was {problem}. It is kept as {aside}; this session starts with no {what}."
-    print(f"warning: {notice}")
-    return empty(), notice
+        return read(path), None
+    except RatingsFileError as error:
+        aside = f"{path}.invalid-{datetime.datetime.now():%Y%m%d-%H%M%S-%f}"
+        os.replace(path, aside)
+        notice = f"{path} was {error.problem}. It is kept as {aside}; this session starts with no {what}."
+        print(f"warning: {notice}")
+        return empty, notice
 
 
-def describe_image(folder, name, score):
-    """What the page shows of one image: its score and the prompt, seed and LoRA it was made with."""
+def describe_image(folder, name, score, prompt=None):
+    """What the page shows of one image: its score and the prompt, seed and LoRA it was made with.
+
+    prompt: the image's prompt from round.json (a round made from a prompt_file); else the PNG's.
+    """
+    parameters = image_parameters(folder, name)
+    width, _, height = parameters["settings"].get("Size", "").partition("x")
+    return {"file": name, "score": score, "prompt": parameters["prompt"] if prompt is None else prompt,
+            "seed": parameters["settings"].get("Seed", os.path.splitext(name)[0]),
+            "lora": ", ".join(f"{lora}:{weight}" for lora, weight in parameters["loras"]),
+            "width": _size(width), "height": _size(height)}
+
+
+def image_parameters(folder, name):
+    """The PNG's WebUI parameters (utils/samples.py parse_webui_parameters), empty ones if it has none."""
     try:
         text = read_png_parameters(os.path.join(folder, name))
     except Exception:  # noqa: BLE001 - garbage, truncated: PIL raises many kinds. The browser shows it broken;
         text = None    # the page and every other image still work
-    parameters = parse_webui_parameters(text if isinstance(text, str) else "")
-    width, _, height = parameters["settings"].get("Size", "").partition("x")
-    return {"file": name, "score": score, "prompt": parameters["prompt"],
-            "seed": parameters["settings"].get("Seed", os.path.splitext(name)[0]),
-            "lora": ", ".join(f"{lora}:{weight}" for lora, weight in parameters["loras"]),
-            "width": _size(width), "height": _size(height)}
+    return parse_webui_parameters(text if isinstance(text, str) else "")
 
 
 def _size(text):
@@ -125,24 +126,35 @@ def _size(text):
 
 
 class RatingRound:
-    """The images of the current round and their scores; every change is written to disk before it counts."""
+    """The images of the current round and their ratings; every change is written to disk before it counts."""
 
-    def __init__(self, sample_path, score_path, comparison_path=None):
-        self.sample_path, self.score_path = sample_path, score_path
-        self.comparison_path = comparison_path or os.path.join(os.path.dirname(score_path), "comparisons.json")
+    def __init__(self, sample_path, score_path, comparison_path):
+        self.sample_path, self.score_path, self.comparison_path = sample_path, score_path, comparison_path
         self.lock = threading.Lock()  # one save at a time, so two quick changes never mix in the file
-        self.scores, self.notice = load_scores(score_path)
-        self.comparisons, comparison_notice = load_scores(self.comparison_path, comparisons_format_problem, list,
-                                                          "comparisons")
-        self.notice = " ".join(n for n in (self.notice, comparison_notice) if n) or None
+        # all of scores.json, entries naming no file of the round too: they are written back as they were
+        self.scores, score_notice = load_ratings_file(score_path, read_scores, {}, "scores")
+        self.comparisons, comparison_notice = load_ratings_file(comparison_path, read_comparisons, [], "comparisons")
+        self.notice = " ".join(n for n in (score_notice, comparison_notice) if n) or None
         self.random = random.Random()
 
+    def images(self):
+        """describe_image of each image of the round, in seed order."""
+        prompts = round_prompts(self.sample_path)
+        return [describe_image(self.sample_path, name, self.scores.get(name), prompts.get(name))
+                for name in round_images(self.sample_path)]
+
+    def prompts(self):
+        """{name: its prompt} for the round's images, as images() has them (a PNG is read only when round.json
+        does not say)."""
+        prompts = round_prompts(self.sample_path)
+        return {name: prompts[name] if name in prompts else image_parameters(self.sample_path, name)["prompt"]
+                for name in round_images(self.sample_path)}
+
     def state(self):
-        names = round_images(self.sample_path)
-        return {"images": [describe_image(self.sample_path, name, self.scores.get(name)) for name in names],
-                "sample_path": self.sample_path, "score_path": self.score_path, "notice": self.notice,
-                **self.order_state(names), "comparison_path": self.comparison_path,
-                "comparisons": len(self.comparisons)}
+        images = self.images()
+        return {"images": images, "sample_path": self.sample_path, "score_path": self.score_path,
+                "notice": self.notice, **self.order_state([image["file"] for image in images]),
+                "comparison_path": self.comparison_path, "comparisons": len(self.comparisons)}
 
     def order_state(self, names):
         """"order": the round's images most informative first (rating_order.json), or None with a reason."""
@@ -156,64 +168,34 @@ class RatingRound:
         in_round = set(names)
         return {"order": [entry["file"] for entry in predictions if entry["file"] in in_round], "order_note": None}
 
+    def next_pair(self):
+        """{"a", "b"}: the pair to compare next, two images of one prompt (most informative, see
+        ddpo/rating_order.py), or Nones if none is left."""
+        prompts = self.prompts()
+        pairs = next_pairs(list(prompts), read_rating_order(self.sample_path), self.comparisons, set(self.scores),
+                           self.random, groups=prompts)
+        a, b = pairs[0] if pairs else (None, None)
+        return {"a": a, "b": b, "comparisons": len(self.comparisons)}
+
+    def set_score(self, file, score):
+        """POST /api/score: save `score` for image `file` (None removes its score); scores.json is replaced
+        whole, atomically."""
+        with self.lock:
+            scores = {key: value for key, value in self.scores.items() if key != file}
+            if score is not None:
+                scores[file] = score
+            write_json_atomic(self.score_path, scores)
+            self.scores = scores  # only now: if the write failed, memory still matches the disk
+        return {"file": file, "score": score}
+
     def add_comparison(self, a, b, winner):
-        """Append one comparison to comparisons.json (replaced whole, atomically)."""
+        """POST /api/compare: append one comparison to comparisons.json (replaced whole, atomically); answers
+        with the next pair."""
         with self.lock:
             comparisons = self.comparisons + [{"a": a, "b": b, "winner": winner}]
             write_json_atomic(self.comparison_path, comparisons)
             self.comparisons = comparisons
-
-    def next_pair(self):
-        """{"a", "b"}: the pair to compare next (most informative, see ddpo/rating_order.py), or Nones if none is left."""
-        names = round_images(self.sample_path)
-        pairs = next_pairs(names, read_rating_order(self.sample_path), self.comparisons, set(self.scores), self.random)
-        a, b = pairs[0] if pairs else (None, None)
-        return {"a": a, "b": b, "comparisons": len(self.comparisons)}
-
-    def set_score(self, name, score):
-        """Save `score` for image `name` (None removes its score); the file is replaced whole, atomically."""
-        with self.lock:
-            scores = {key: value for key, value in self.scores.items() if key != name}
-            if score is not None:
-                scores[name] = score
-            write_json_atomic(self.score_path, scores)
-            self.scores = scores  # only now: if the write failed, memory still matches the disk
-
-
-def parse_score_request(body, round_names):
-    """(file, score) from a POST body {"file": "<seed>.png", "score": -5..5 or null}; ValueError says what is wrong."""
-    try:
-        request = parse_json(body)
-    except ValueError:
-        raise ValueError("the request body is not JSON, or is nested too deeply") from None
-    if not isinstance(request, dict) or set(request) != {"file", "score"}:
-        raise ValueError('send {"file": "<seed>.png", "score": <-5..5, or null to remove it>}')
-    file, score = request["file"], request["score"]
-    if file not in round_names:
-        raise ValueError(f"{file!r} is not an image of this round")
-    is_whole = isinstance(score, int) and not isinstance(score, bool)
-    if score is not None and not (is_whole and MIN_SCORE <= score <= MAX_SCORE):
-        raise ValueError(f"score {score!r} is not a whole number from -5 to 5")
-    return file, score
-
-
-def parse_comparison_request(body, round_names):
-    """(a, b, winner) from a POST body {"a": "<seed>.png", "b": "<seed>.png", "winner": "a"|"b"|"tie"}; ValueError says what is wrong."""
-    try:
-        request = json.loads(body)
-    except ValueError:
-        raise ValueError("the request body is not JSON") from None
-    if not isinstance(request, dict) or set(request) != {"a", "b", "winner"}:
-        raise ValueError('send {"a": "<seed>.png", "b": "<seed>.png", "winner": "a", "b" or "tie"}')
-    a, b, winner = request["a"], request["b"], request["winner"]
-    for name in (a, b):
-        if not isinstance(name, str) or name not in round_names:
-            raise ValueError(f"{name!r} is not an image of this round")
-    if a == b:
-        raise ValueError(f"an image cannot be compared with itself ({a!r} twice)")
-    if winner not in WINNERS:
-        raise ValueError(f'winner {winner!r} is not "a", "b" or "tie"')
-    return a, b, winner
+        return {"saved": {"a": a, "b": b, "winner": winner}, "next": self.next_pair()}
 
 
 # ---------------------------------------------------------------- the HTTP server
@@ -298,59 +280,53 @@ class RatingPageHandler(BaseHTTPRequestHandler):
             self.send_json(404, {"error": f"not found: {path}"})
 
     def do_POST(self):
-        if urlsplit(self.path).path not in ("/api/score", "/api/compare"):
+        """POST /api/score and /api/compare alike: one check of the body (utils/ratings.py read_request),
+        then the round's method of that name saves it before the answer."""
+        route = urlsplit(self.path).path
+        if route not in POSTS:
             return self.send_json(404, {"error": "not found"})
         # a JSON content type makes the browser refuse other web sites' cross-origin posts
         if self.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
-            return self.send_json(400, {"error": "send the score as JSON (Content-Type: application/json)"})
+            return self.send_json(400, {"error": "send the rating as JSON (Content-Type: application/json)"})
         length = self.headers.get("Content-Length", "")
         if not length.isdigit() or not 0 < int(length) <= MAX_REQUEST_BYTES:
             return self.send_json(400, {"error": f"the request body must be 1 to {MAX_REQUEST_BYTES} bytes"})
         rating_round = self.server.rating_round
-        body = self.rfile.read(int(length))
-        if urlsplit(self.path).path == "/api/compare":
-            return self.save_comparison(body)
         try:
-            file, score = parse_score_request(body, round_images(rating_round.sample_path))
+            request = read_request(route, self.rfile.read(int(length)), round_images(rating_round.sample_path))
         except ValueError as error:
             return self.send_json(400, {"error": str(error)})
+        save, written = POSTS[route]
         try:
-            rating_round.set_score(file, score)
+            answer = getattr(rating_round, save)(**request)
         except OSError as error:  # a full disk, a read-only folder: the page must say it was not saved
-            return self.send_json(500, {"error": f"cannot write {rating_round.score_path} ({error})"})
-        self.send_json(200, {"file": file, "score": score})
-
-    def save_comparison(self, body):
-        """POST /api/compare: validate, append to comparisons.json, answer with the next pair."""
-        rating_round = self.server.rating_round
-        try:
-            a, b, winner = parse_comparison_request(body, round_images(rating_round.sample_path))
-        except ValueError as error:
-            return self.send_json(400, {"error": str(error)})
-        try:
-            rating_round.add_comparison(a, b, winner)
-        except OSError as error:
-            return self.send_json(500, {"error": f"cannot write {rating_round.comparison_path} ({error})"})
-        self.send_json(200, {"saved": {"a": a, "b": b, "winner": winner}, "next": rating_round.next_pair()})
+            return self.send_json(500, {"error": f"cannot write {getattr(rating_round, written)} "
+                                                 f"({error.strerror or error})"})
+        self.send_json(200, answer)
 
     def send_json(self, status, obj, headers=None):
         self.send_body(status, json.dumps(obj).encode(), "application/json", headers)
 
     def send_file(self, path, content_type):
         try:
-            with open(path, "rb") as f:
-                body = f.read()
+            body = read_regular_file(path)  # never a FIFO put in a PNG's place since it was listed
         except OSError:  # gone since it was listed (a new round started)
             return self.send_json(404, {"error": "not found"})
         self.send_body(200, body, content_type)
 
     def send_body(self, status, body, content_type, headers=None):
         self.send_response(status)
-        headers = {"Content-Type": content_type, "Content-Length": str(len(body)), **SECURITY_HEADERS, **(headers or {})}
-        for name, value in headers.items():
+        for name, value in {"Content-Type": content_type, "Content-Length": str(len(body)), **(headers or {})}.items():
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
+
+    def end_headers(self):
+        """SECURITY_HEADERS on every answer: the routes' and the server's own (send_error: an unknown method,
+        a malformed request line, a URL or header too long)."""
+        for name, value in SECURITY_HEADERS.items():
+            self.send_header(name, value)
+        super().end_headers()
 
     def log_request(self, code="-", size="-"):
         """Quiet: a page load fetches hundreds of images. Errors are still logged."""

@@ -35,10 +35,10 @@ from ddpo.reward_training import OUTCOMES, Ratings, fit_reward_model, split_rati
 from utils.checkpoint import FAMILY_NAMES, model_family
 from utils.cli import follows_recipe, run_stage
 from utils.errors import UserError
-from utils.files import read_json, write_json_atomic
+from utils.files import write_json_atomic
 from utils.metrics import append_jsonl, contact_sheet, plot_curves, read_jsonl
 from utils.pipeline import load_pipeline
-from utils.ratings import comparisons_format_problem, order_round, round_file_problem, scores_format_problem
+from utils.ratings import order_round, read_round_ratings
 from utils.reward_files import check_family, load_reward_model, reward_model_metadata, save_reward_model
 from utils.samples import history_rounds, interrupted_archives, latent_family, latent_file, lives_in, load_latent
 
@@ -52,42 +52,6 @@ MIN_TEST_RATINGS = 10  # fewer held-out ratings than this make the test metrics 
 FEW_RATINGS = 1000  # upstream's ratings per round; below it the few_ratings recipe learns far more from each
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 SHEET_IMAGES = 48  # the contact sheet shows all images up to this many, else the best and worst halves
-
-
-def read_rating_file(path, format_problem, again):
-    """The checked JSON of a scores.json or comparisons.json; UserError naming the file (and entry) if it is bad."""
-    try:
-        data = read_json(path)
-    except ValueError as error:  # not JSON, not UTF-8, or nested too deeply
-        raise UserError(f"{path} is not valid JSON ({error}); fix it or {again} with `python score.py`.") from None
-    except OSError as error:
-        raise UserError(f"cannot read {path} ({error.strerror}); check its permissions.") from None
-    problem = format_problem(data)
-    if problem:
-        raise UserError(f"{path} is {problem}; fix it or {again} with `python score.py`.")
-    return data
-
-
-def read_scores(path):
-    """{image name: score} from a scores.json; a malformed file is an error that names the entry.
-
-    Entries that name no plain file of the round (`../x.png`, `/abs/x.png`, `sub/x.png`) are skipped with a warning.
-    """
-    if not os.path.isfile(path):
-        raise UserError(f"{path} not found: rate a round first with `python score.py`.")
-    scores = read_rating_file(path, scores_format_problem, "rate again")
-    outside = [name for name in scores if round_file_problem(name)]
-    if outside:
-        print(f"warning: skipped {len(outside)} entries of {path} that name no file of its round "
-              f"(such as {outside[0]!r}): a rating names an image of its own folder only")
-    return {name: score for name, score in scores.items() if name not in outside}
-
-
-def read_comparisons(path):
-    """[{"a", "b", "winner"}] from a comparisons.json, [] if there is none; a malformed entry is an error that names it."""
-    if not os.path.isfile(path):
-        return []
-    return read_rating_file(path, comparisons_format_problem, "compare again")
 
 
 def rated_rounds(settings):
@@ -132,16 +96,18 @@ def load_ratings(settings, device):
         return index[key]
 
     rounds = rated_rounds(settings)
-    if len(rounds) > 1 and not any(os.path.isfile(p) for p in (settings.score_path, settings.comparison_path)):
+    if not any(os.path.lexists(p) for p in (settings.score_path, settings.comparison_path)):
+        if len(rounds) == 1:
+            raise UserError(f"{settings.score_path} not found: rate a round first with `python score.py`.")
         rounds = rounds[1:]  # the current round is not rated yet; learn from the rated history
     for folder, score_file, comparison_file in rounds:
-        only_compared = os.path.isfile(comparison_file) and not os.path.isfile(score_file)
-        for name, score in ({} if only_compared else read_scores(score_file)).items():
+        round_scores, round_comparisons = read_round_ratings(score_file, comparison_file)
+        for name, score in round_scores.items():
             i = latent_index(folder, name)
             if i is not None:
                 scored.append(i)
                 scores.append(float(score))
-        for comparison in read_comparisons(comparison_file):
+        for comparison in round_comparisons:
             a, b = latent_index(folder, comparison["a"]), latent_index(folder, comparison["b"])
             if a is not None and b is not None:
                 pairs.append((a, b))

@@ -26,30 +26,36 @@ def members_disagreement(members_a, members_b):
     return p * (1 - p)
 
 
-def next_pairs(names, predictions, comparisons, rated, rng, count=1):
+def next_pairs(names, predictions, comparisons, rated, rng, count=1, groups=None):
     """`count` pairs (a, b) of `names` to compare next, most informative first.
 
     predictions: rating_order.json's entries (or None); comparisons: [{"a", "b", ...}] already made;
-    rated: names that have a score. Candidates are pairs not asked yet among images close in predicted
-    reward (random order without predictions). The best pair is the one the ensemble's members
-    disagree most about; then the one whose images were rated or compared least; then chance.
+    rated: names that have a score; groups: {name: its group (the prompt it was made from)}, or None for
+    one group. A pair never crosses groups: the reward model does not see the prompt, so a pair across
+    prompts would teach it which subject the person prefers. Candidates are pairs not asked yet among
+    images of one group close in predicted reward (random order without predictions). The best pair is
+    the one the ensemble's members disagree most about; then the one whose images were rated or
+    compared least; then chance.
     """
     by_name = {entry["file"]: entry for entry in predictions or []}
     shuffled = list(names)
     rng.shuffle(shuffled)
-    line = sorted((n for n in shuffled if n in by_name), key=lambda n: by_name[n]["mean"])
-    line += [n for n in shuffled if n not in by_name]
+    by_reward = sorted((n for n in shuffled if n in by_name), key=lambda n: by_name[n]["mean"])
+    lines = {}  # group: its names by predicted reward, then those without a prediction
+    for name in by_reward + [n for n in shuffled if n not in by_name]:
+        lines.setdefault((groups or {}).get(name), []).append(name)
     asked = {frozenset((c["a"], c["b"])) for c in comparisons}
     seen = {name: int(name in rated) for name in names}
     for c in comparisons:
         for name in (c["a"], c["b"]):
             if name in seen:
                 seen[name] += 1
-    members = {name: by_name.get(name, {}).get("members", []) for name in line}
+    members = {name: by_name.get(name, {}).get("members", []) for name in names}
     # a max-heap of (-disagreement, images' ratings so far, chance, a, b); ratings so far only grow, so an
     # entry whose count is stale is pushed back with the new count (lazy greedy), and the top is the best
     heap = [(-members_disagreement(members[a], members[b]), seen[a] + seen[b], rng.random(), a, b)
-            for i, a in enumerate(line) for b in line[i + 1:i + 1 + PAIR_WINDOW] if frozenset((a, b)) not in asked]
+            for line in lines.values() for i, a in enumerate(line) for b in line[i + 1:i + 1 + PAIR_WINDOW]
+            if frozenset((a, b)) not in asked]
     heapq.heapify(heap)
     chosen = []
     while heap and len(chosen) < count:

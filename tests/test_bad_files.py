@@ -21,6 +21,7 @@ from utils.files import parse_json
 from utils.lora_files import load_lora_into_pipeline, load_lora_into_unet, save_lora
 from utils.metrics import append_jsonl, plot_curves, read_jsonl
 from utils.pipeline import load_pipeline
+from utils.ratings import read_scores
 from utils.reward_files import load_reward_model, reward_model_metadata, save_reward_model
 from utils.samples import latent_file, load_latent, save_latent
 
@@ -137,7 +138,7 @@ def test_deeply_nested_json_is_a_sentence_not_a_recursion_error(rated):
     samples, settings = rated
     (samples / "scores.json").write_text(NESTED)
     with pytest.raises(UserError) as refusal:
-        train_reward.read_scores(str(samples / "scores.json"))
+        read_scores(str(samples / "scores.json"))
     one_sentence(refusal, samples / "scores.json", "nested too deeply")
     with pytest.raises(ValueError):
         parse_json(NESTED)
@@ -335,11 +336,10 @@ def test_settings_in_range_pass():
 
 
 def test_a_scores_json_that_cannot_be_read_is_a_sentence(rated):
-    import score
     samples, settings = rated
     os.remove(samples / "scores.json")
     (samples / "scores.json").mkdir()
     with pytest.raises(UserError) as refusal:
-        score.load_scores(str(samples / "scores.json"))
+        read_scores(str(samples / "scores.json"))
     one_sentence(refusal, samples / "scores.json")
     assert (samples / "scores.json").is_dir()

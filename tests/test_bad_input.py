@@ -20,9 +20,9 @@ from PIL import Image
 
 import config
 from conftest import REPO, run_scripts, snapshot, stage_command, stage_paths
-from train_reward import read_scores
 from utils.cli import SettingsError, defaults, parse_settings
 from utils.errors import UserError
+from utils.ratings import read_scores
 from utils.samples import latent_file, save_latent
 
 ROUND = [101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 111, 112]

@@ -139,7 +139,8 @@ def test_the_order_puts_the_images_the_members_disagree_on_first(tmp_path):
     for seed, latent in latents.items():
         save_latent(latent_file(folder, f"{seed}.png"), latent)
         (folder / f"{seed}.png").write_bytes(b"")
-    order_round(str(folder), ensemble, "models/reward_model.safetensors")
+    save_reward_model(ensemble, str(tmp_path / "reward_model.safetensors"), {"family": "sd15"})
+    order_round(str(folder), ensemble, str(tmp_path / "reward_model.safetensors"))
     entries = read_rating_order(str(folder))
     stds = {e["file"]: e["std"] for e in entries}
     assert stds["0.png"] == pytest.approx(0, abs=1e-6) and stds["2.png"] == pytest.approx(0, abs=1e-6)

@@ -154,7 +154,7 @@ def test_scores_from_the_seed_webapp_load_and_ours_load_in_train_reward(round_fo
     saved = read_json(round_folder / "scores.json")
     assert saved == {"33.png": 4, "2.png": -1, "10.png": 5}
     assert all(type(value) is int for value in saved.values())
-    from train_reward import read_scores
+    from utils.ratings import read_scores
     assert read_scores(str(round_folder / "scores.json")) == saved
 
 
@@ -369,7 +369,7 @@ def test_comparisons_are_appended_at_once_and_answered_with_a_new_pair(round_fol
     assert {frozenset((c["a"], c["b"])) for c in saved} == {frozenset(p) for p in
                                                              [("2.png", "10.png"), ("2.png", "33.png"), ("10.png", "33.png")]}
     assert not (round_folder / "scores.json").exists() and not glob.glob(str(round_folder / ".*tmp"))
-    from train_reward import read_comparisons
+    from utils.ratings import read_comparisons
     assert read_comparisons(str(round_folder / "comparisons.json")) == saved
 
 

@@ -159,7 +159,7 @@ def test_scores_json_entries_naming_files_outside_the_round_are_ignored(round_fo
         assert {image["file"]: image["score"] for image in state["images"]} == {"2.png": 1, "10.png": None,
                                                                                  "33.png": None}
         assert send(url, "POST", "/api/score", {"file": "../secret.png", "score": 1})[0] == 400
-    assert "2 entries that name no file of the round" in capsys.readouterr().out
+    assert "2 entries that name no file of its round" in capsys.readouterr().out
     assert read_json(round_folder / "scores.json")["../secret.png"] == 5  # kept as it was, never used
 
 

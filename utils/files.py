@@ -1,10 +1,12 @@
 """Files that stages hand to each other: written safely (temp file + rename), read safely."""
 
 import contextlib
+import errno
 import json
 import os
 import re
 import signal
+import stat
 import tempfile
 
 _OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust libraries (safetensors) report a system error
@@ -88,10 +90,30 @@ def parse_json(data):
         raise ValueError("nested too deeply") from None
 
 
+_NOT_REGULAR = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a device",
+                stat.S_IFBLK: "a device", stat.S_IFSOCK: "a socket"}
+
+
+def read_regular_file(path):
+    """The bytes of `path`; OSError (with a strerror that says what it is) unless it is a regular file.
+
+    A FIFO would block the reader until some writer came (a page that never answers), a device would
+    never end; O_NONBLOCK makes opening a FIFO return at once, and fstat then tells what was opened.
+    """
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    mode = os.fstat(descriptor).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(descriptor)
+        kind = _NOT_REGULAR.get(stat.S_IFMT(mode), "something other than a file")
+        raise OSError(errno.EINVAL, f"it is {kind}, not a regular file", path)
+    with os.fdopen(descriptor, "rb") as f:
+        return f.read()
+
+
 def read_json(path):
-    """The JSON in `path`; ValueError (which says why) if it is not JSON, not UTF-8, or nested too deeply."""
-    with open(path, "rb") as f:
-        return parse_json(f.read())
+    """The JSON in a regular file `path`; ValueError (which says why) if it is not JSON, not UTF-8, or nested
+    too deeply; OSError if it cannot be read or is not a regular file (read_regular_file)."""
+    return parse_json(read_regular_file(path))
 
 
 def crash_point(name):

@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from utils.errors import UserError
-from utils.files import crash_point, writing
+from utils.files import crash_point, read_json, writing
 
 # WebUI's own pattern for one `Key: value` pair of the settings line; a value may be "quoted, with commas"
 _SETTING = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -202,9 +202,8 @@ def round_prompts(folder):
     its "prompts" {"<seed>": prompt} when the round was made from a prompt_file, else the round's one prompt.
     {} when the folder has no readable round.json (its images then count as one prompt group)."""
     try:
-        with open(os.path.join(folder, ROUND_FILE), encoding="utf-8") as f:
-            current = json.load(f)
+        current = read_json(os.path.join(folder, ROUND_FILE))  # a regular file only: a FIFO would hang the page
         seeds, prompts, prompt = current["seeds"], current.get("prompts", {}), current["parameters"]["prompt"]
         return {f"{seed}.png": str(prompts.get(str(seed), prompt)) for seed in seeds}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}

@@ -9,6 +9,7 @@ const ORDER_KEY = "almostperfect-order"; // the chosen order survives a reload
 const $ = (id) => document.getElementById(id);
 
 let images = [];      // [{file, score (null = unscored), prompt, seed, lora, width, height, seedIndex}], in the chosen order
+let promptCount = 0;  // distinct prompts of the round: with more than one, tiles show theirs and the grid can filter
 let tiles = [];       // the grid's buttons, in the same order
 let informativeOrder = null; // files, most informative first (from the reward ensemble), or null when there is none
 let pair = null;      // {a, b}: the two files being compared; null while the comparison view is closed or empty
@@ -43,9 +44,11 @@ async function start() {
     showStatus("", "");
     return;
   }
+  promptCount = new Set(images.map((image) => image.prompt)).size;
   buildGrid();
   buildScale();
   setUpOrder(state.order_note);
+  setUpPromptFilter();
   $("compare-count").textContent = comparisonCount(state.comparisons);
   $("help").hidden = false;
   $("only-unscored").addEventListener("change", applyFilter);
@@ -78,6 +81,13 @@ function buildGrid() {
     const badge = document.createElement("span");
     badge.className = "badge";
     tile.append(picture, badge);
+    if (promptCount > 1) {
+      const caption = document.createElement("span");
+      caption.className = "caption";
+      caption.textContent = image.prompt || "(no prompt)";
+      caption.title = image.prompt; // the whole prompt on hover; the caption shows its start
+      tile.append(caption);
+    }
     tile.addEventListener("click", () => openViewer(tiles.indexOf(tile))); // the order can change
     $("grid").append(tile);
     return tile;
@@ -90,12 +100,33 @@ function imageUrl(image) {
 }
 
 function isShown(index) {
-  return !$("only-unscored").checked || images[index].score === null;
+  const prompt = $("prompt-filter").value;
+  const unscoredOrAll = !$("only-unscored").checked || images[index].score === null;
+  return unscoredOrAll && (prompt === "" || images[index].prompt === prompt);
 }
 
 function applyFilter() {
   tiles.forEach((tile, index) => { tile.hidden = !isShown(index); });
-  $("all-done").hidden = !($("only-unscored").checked && scoredCount() === images.length);
+  $("all-done").hidden = !($("only-unscored").checked && images.every((_, index) => !isShown(index)));
+  $("all-done-scope").textContent = $("prompt-filter").value === "" ? "of this round" : "of this prompt";
+}
+
+// With several prompts (a round made from a prompt_file): a choice of one prompt's images, most images first.
+function setUpPromptFilter() {
+  if (promptCount < 2) return;
+  const counts = new Map();
+  images.forEach((image) => counts.set(image.prompt, (counts.get(image.prompt) || 0) + 1));
+  const select = $("prompt-filter");
+  select.firstElementChild.textContent = `every prompt (${promptCount})`;
+  for (const [prompt, count] of [...counts].sort((a, b) => b[1] - a[1])) {
+    const option = document.createElement("option");
+    option.value = prompt;
+    option.textContent = `${prompt.length > 60 ? `${prompt.slice(0, 59)}…` : prompt || "(no prompt)"} (${count})`;
+    option.title = prompt;
+    select.append(option);
+  }
+  select.addEventListener("change", applyFilter);
+  $("prompt-choice").hidden = false;
 }
 
 function scoredCount() {
@@ -175,23 +206,26 @@ function save(file, score) {
   pendingSaves += 1;
   showSaveState();
   saveQueue = saveQueue
-    .then(() => postScore(file, score))
+    .then(() => postJson("api/score", { file, score }))
     .catch((error) => { saveError = `Not saved: ${error.message}. Reload the page to see what is saved.`; })
     .finally(() => { pendingSaves -= 1; showSaveState(); });
 }
 
-async function postScore(file, score) {
+// POST a rating to score.py, which saves it before it answers; resolves to its answer, or throws its error.
+async function postJson(path, body) {
   let response;
   try {
-    response = await fetch("api/score", {
+    response = await fetch(path, {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ file, score }),
+      body: JSON.stringify(body),
     });
   } catch (error) {
     throw new Error(`score.py does not answer (${error.message}); is it still running?`);
   }
-  if (!response.ok) throw new Error((await response.json()).error);
+  const answer = await response.json();
+  if (!response.ok) throw new Error(answer.error);
+  return answer;
 }
 
 function showSaveState() {
@@ -315,8 +349,9 @@ function onGridKey(event) {
   }
   const onControl = event.target.closest("button, input, a, select"); // Enter there means that control
   if (event.key !== "Enter" || onControl) return;
-  const first = images.findIndex((image) => image.score === null);
-  openViewer(first === -1 ? 0 : first);
+  const first = images.findIndex((image, index) => image.score === null && isShown(index));
+  const shown = images.findIndex((_, index) => isShown(index));
+  openViewer(first !== -1 ? first : Math.max(shown, 0));
   event.preventDefault();
 }
 
@@ -353,7 +388,10 @@ function showPair(next) {
   pair = next.a === null ? null : next;
   $("compare-pair").hidden = pair === null;
   $("compare-done").hidden = pair !== null;
+  $("compare-prompt").textContent = "";
   if (pair === null) return;
+  const first = images.find((candidate) => candidate.file === pair.a);
+  if (promptCount > 1 && first) $("compare-prompt").textContent = first.prompt; // score.py pairs one prompt's images
   for (const side of ["a", "b"]) {
     const image = images.find((candidate) => candidate.file === pair[side]);
     $(`compare-image-${side}`).src = imageUrl({ file: pair[side] });
@@ -369,18 +407,7 @@ async function compare(winner) {
   pendingSaves += 1;
   showSaveState();
   try {
-    let response;
-    try {
-      response = await fetch("api/compare", {
-        method: "POST",
-        headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ a: pair.a, b: pair.b, winner }),
-      });
-    } catch (error) {
-      throw new Error(`score.py does not answer (${error.message}); is it still running?`);
-    }
-    const answer = await response.json();
-    if (!response.ok) throw new Error(answer.error);
+    const answer = await postJson("api/compare", { a: pair.a, b: pair.b, winner });
     if (comparing) showPair(answer.next);
   } catch (error) {
     saveError = `Not saved: ${error.message}. Reload the page to see what is saved.`;
