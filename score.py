@@ -293,7 +293,9 @@ class RatingPageHandler(BaseHTTPRequestHandler):
             return self.send_json(400, {"error": f"the request body must be 1 to {MAX_REQUEST_BYTES} bytes"})
         rating_round = self.server.rating_round
         try:
-            request = read_request(route, self.rfile.read(int(length)), round_images(rating_round.sample_path))
+            body = self.rfile.read(int(length))
+            prompts = rating_round.prompts() if route == "/api/compare" else None
+            request = read_request(route, body, round_images(rating_round.sample_path), prompts)
         except ValueError as error:
             return self.send_json(400, {"error": str(error)})
         save, written = POSTS[route]

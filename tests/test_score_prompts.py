@@ -62,6 +62,17 @@ def test_every_pair_offered_over_http_is_of_one_prompt_until_none_is_left(sample
     assert {frozenset((c["a"], c["b"])) for c in read_json(samples / "comparisons.json")} == set(asked)
 
 
+def test_a_comparison_across_prompts_is_refused_and_nothing_is_written(samples):
+    a, b = "3.png", "8.png"
+    assert PROMPT_OF[a] != PROMPT_OF[b]
+    with serving(samples, samples / "scores.json") as url:
+        status, _, answer = request(url, "POST", "/api/compare", {"a": a, "b": b, "winner": "a"})
+        assert status == 400 and "different prompts" in json.loads(answer)["error"]
+        same = [name for name in PROMPT_OF if PROMPT_OF[name] == PROMPT_OF[a] and name != a][0]
+        assert request(url, "POST", "/api/compare", {"a": a, "b": same, "winner": "tie"})[0] == 200
+    assert read_json(samples / "comparisons.json") == [{"a": a, "b": same, "winner": "tie"}]
+
+
 def caption_of(page, seed):
     return page.locator(f'.tile[title="seed {seed}"] .caption')
 

@@ -137,11 +137,13 @@ REQUESTS = {
 }
 
 
-def read_request(route, body, round_names):
+def read_request(route, body, round_names, prompts=None):
     """The checked fields {name: value} of a POST body (bytes) to `route` (a key of REQUESTS).
 
     ValueError with a sentence for the 400 answer when the body is not UTF-8 JSON (however nested),
-    not an object of exactly the route's fields, names no image of the round, or holds a value out of range.
+    not an object of exactly the route's fields, names no image of the round, holds a value out of range,
+    or compares images of two prompts (`prompts`: {name: prompt}), which would teach the prompt-blind
+    reward model which subject is preferred.
     """
     fields, example = REQUESTS[route]
     try:
@@ -161,6 +163,9 @@ def read_request(route, body, round_names):
             raise ValueError(f"an image cannot be compared with itself ({request['a']!r} twice)")
         if request["winner"] not in WINNERS:
             raise ValueError(f'winner {request["winner"]!r} is not "a", "b" or "tie"')
+        if prompts is not None and prompts.get(request["a"]) != prompts.get(request["b"]):
+            raise ValueError(f"{request['a']!r} and {request['b']!r} were made from different prompts; "
+                             "compare only images of the same prompt")
     return request
 
 
