@@ -27,6 +27,10 @@ SCHEDULER_TRAINING_STEPS = 1000  # SD1.5's DDIM scheduler has 1000 noise levels;
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # no room on the disk, over the quota, over the size limit
 BOOL_OR_AUTO = {"train_gradient_checkpointing"}  # True, False or "auto"
 # A file inside a folder setting follows that folder when only the folder is overridden on the command line.
+# Settings that name a file or folder: a leading ~ is the user's home, as in a shell (config.py and the
+# command line alike; a quoted "--checkpoint_path=~/models/x.safetensors" reaches us unexpanded).
+PATH_SETTINGS = ("sample_path", "score_path", "comparison_path", "model_path", "checkpoint_path", "checkpoint_config",
+                 "reward_model_path", "lora_path", "generate_lora", "prompt_file", "rank_folder")
 FOLLOWS = {"score_path": ("sample_path", "scores.json"), "comparison_path": ("sample_path", "comparisons.json"),
            "reward_model_path": ("model_path", "reward_model.safetensors")}
 
@@ -103,6 +107,8 @@ def parse_settings(argv, used=None):
     for name, (folder, file_name) in FOLLOWS.items():
         if folder in overridden and name not in overridden:
             values[name] = os.path.join(values[folder], file_name)
+    for name in PATH_SETTINGS:
+        values[name] = os.path.expanduser(values[name])
     settings = SimpleNamespace(**values)
     validate_settings(settings)
     return settings
