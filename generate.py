@@ -58,6 +58,9 @@ def resolve_lora(settings):
 
 def round_parameters(settings, lora):
     checkpoint = {"checkpoint": os.path.abspath(settings.checkpoint_path)}
+    model_hash = model_identity(settings.checkpoint_path)[1]  # hashed once per process, also for the PNGs
+    if model_hash:  # a file: another model saved at the same path makes another round (a folder has no hash)
+        checkpoint["checkpoint_hash"] = model_hash
     if settings.checkpoint_config:  # only when set, so that rounds made before the setting existed still resume
         checkpoint["checkpoint_config"] = os.path.abspath(settings.checkpoint_config)
     return {**checkpoint, "lora": lora and os.path.abspath(lora),
@@ -104,6 +107,19 @@ def plan_round(settings, parameters):
             seeds.append(seed)
             taken.add(seed)
     write_json_atomic(round_path, current)
+
+
+def stop_at_non_finite(settings, lora, seeds):
+    """A pipeline callback_on_step_end that stops the batch of `seeds` at the first NaN or infinite latent,
+    before anything of it is written: a checkpoint (or LoRA) with such weights makes only black images."""
+    def check(pipeline, step, timestep, tensors):
+        if not torch.isfinite(tensors["latents"]).all():
+            suspects = f"{settings.checkpoint_path} or of the LoRA {lora}" if lora else settings.checkpoint_path
+            raise UserError(f"the latents of seeds {seeds} became NaN or infinite at DDIM step {step + 1}: the weights "
+                            f"of {suspects} are not finite (a damaged file or a broken merge), so no image of this "
+                            f"batch was written; use another checkpoint{' or --generate_lora=none' if lora else ''}.")
+        return tensors
+    return check
 
 
 def save_image(folder, seed, image, latent, parameters_text, family):
@@ -160,6 +176,7 @@ def generate(settings, state):
                     width=settings.width, num_inference_steps=settings.num_inference_steps,
                     guidance_scale=settings.guidance_scale, eta=settings.eta, num_images_per_prompt=len(batch),
                     generator=[torch.Generator().manual_seed(s) for s in batch], output_type="latent",
+                    callback_on_step_end=stop_at_non_finite(settings, lora, batch),
                 ).images  # (batch, 4, h/8, w/8)
                 images = decode_latents(pipeline, latents)
             for seed, image, latent in zip(batch, images, latents):
