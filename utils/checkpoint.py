@@ -75,14 +75,18 @@ def model_family(pipeline):
     return "sdxl" if isinstance(pipeline, StableDiffusionXLPipeline) else "sd15"
 
 
+def checkpoint_file_name(path):
+    """The checkpoint's file or folder name without the folders above it, as kohya writes ss_sd_model_name."""
+    return os.path.basename(os.path.normpath(str(path)))
+
+
 def model_identity(path):
     """(Model, Model hash) as WebUI writes them in a PNG's parameters: the file name without extension and
     WebUI's short hash (the first 10 hex digits of the whole file's SHA-256). A diffusers folder is its
     folder name and no hash: WebUI never hashes folders, so no hash of ours could match one of its."""
-    path = os.path.normpath(str(path))
     if os.path.isdir(path):
-        return os.path.basename(path), None
-    return os.path.splitext(os.path.basename(path))[0], sha256_of_file(path)[:10]
+        return checkpoint_file_name(path), None
+    return os.path.splitext(checkpoint_file_name(path))[0], sha256_of_file(path)[:10]
 
 
 def sha256_of_file(path):
