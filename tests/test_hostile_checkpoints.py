@@ -72,7 +72,7 @@ def broken_files(folder, ldm, sdxl_ldm):
          [f"shape [{query.numel()}]", f"need {list(query.shape)}", "download it again"])
     case("tensor of the wrong shape", "model.safetensors",
          changed(ldm, **{UNET_INPUT: torch.zeros(ldm[UNET_INPUT].shape[0], 3, 3, 3)}),
-         ["has a tensor of shape [8, 3, 3, 3] for conv_in.weight", "need [8, 4, 3, 3]", "download it again"])
+         ["a tensor of shape [8, 3, 3, 3] for conv_in.weight", "need [8, 4, 3, 3]", "download it again"])
     case("wrong rank where the family is read", "model.safetensors",
          changed(ldm, **{UNET_INPUT: ldm[UNET_INPUT].flatten()}),
          ["a tensor of the wrong rank", "download it again"])

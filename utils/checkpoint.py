@@ -339,10 +339,10 @@ def _from_single_file(path, family, folder, own_config, dtype):
         wrong_shape = WRONG_SHAPE.search(str(error))
         if wrong_shape:
             name, expected, found = wrong_shape.groups()
-            raise UserError(f"{path} has a tensor of shape {found} for {name}, where {source} need {expected}: the "
-                            "file is damaged or of another architecture; download it again, or for a fine-tune with "
-                            "another architecture set checkpoint_config to a diffusers folder of its base model."
-                            ) from None
+            raise UserError(f"{path} does not fit {source}: it has a tensor of shape {found} for {name}, where "
+                            f"they need {expected}; the file is damaged or of another architecture: download it again, "
+                            "or for a fine-tune with another architecture set checkpoint_config to a diffusers folder "
+                            "of its base model.") from None
         raise UserError(f"{path} does not fit {source} ({str(error).strip().splitlines()[0]}); for a fine-tune "
                         "with another architecture set checkpoint_config to a diffusers folder of its base model.") from None
     finally:
