@@ -12,6 +12,7 @@ import sys
 from types import SimpleNamespace
 
 import torch
+from tqdm.auto import tqdm
 
 import config
 from ddpo.errors import TrainingDoesNotFit
@@ -225,11 +226,21 @@ def print_help(values, used):
         print(f"  --{name}={values[name]}")
 
 
+def end_progress_bars():
+    """Close the progress bars an error interrupted, so that its sentence starts a line of its own."""
+    for bar in list(tqdm._instances):
+        bar.close()
+
+
 def run_stage(main, used_settings):
     """Call main(settings) with the command line's settings; bad input exits with one line, not a traceback."""
     try:
         settings = parse_settings(sys.argv[1:], used_settings)
-        main(settings)
+        try:
+            main(settings)
+        except BaseException:
+            end_progress_bars()
+            raise
     except (UserError, TrainingDoesNotFit) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
