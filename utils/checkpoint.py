@@ -92,7 +92,7 @@ def model_identity(path):
 def sha256_of_file(path):
     """SHA-256 of a file, read in blocks (checkpoints are gigabytes), with a progress bar for big ones.
 
-    Remembered per (file, size, modification time) for the process: a stage asks for a checkpoint's hash
+    Remembered per (file, inode, size, modification time) for the process: a stage asks for a checkpoint's hash
     more than once (its round, each image's parameters, each LoRA's metadata), and a file replaced at the
     same path (renamed over it: another inode) or rewritten has another identity, so it is hashed again.
     """

@@ -27,11 +27,11 @@ MIN_IMAGE_SIZE = 64  # pixels: the reward CNN's three poolings need latents of a
 SCHEDULER_TRAINING_STEPS = 1000  # SD1.5's DDIM scheduler has 1000 noise levels; more inference steps than that repeat none
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # no room on the disk, over the quota, over the size limit
 BOOL_OR_AUTO = {"train_gradient_checkpointing"}  # True, False or "auto"
-# A file inside a folder setting follows that folder when only the folder is overridden on the command line.
 # Settings that name a file or folder: a leading ~ is the user's home, as in a shell (config.py and the
 # command line alike; a quoted "--checkpoint_path=~/models/x.safetensors" reaches us unexpanded).
 PATH_SETTINGS = ("sample_path", "score_path", "comparison_path", "model_path", "checkpoint_path", "checkpoint_config",
                  "reward_model_path", "lora_path", "generate_lora", "prompt_file", "rank_folder")
+# A file inside a folder setting follows that folder when only the folder is overridden on the command line.
 FOLLOWS = {"score_path": ("sample_path", "scores.json"), "comparison_path": ("sample_path", "comparisons.json"),
            "reward_model_path": ("model_path", "reward_model.safetensors")}
 
