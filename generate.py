@@ -86,6 +86,14 @@ def read_round(round_path):
     return current
 
 
+def same_round(recorded, parameters):
+    """Whether the round recorded with `recorded` parameters goes on with `parameters`. One recorded before
+    checkpoint hashes were (no "checkpoint_hash") goes on with the file at the same path."""
+    if "checkpoint_hash" not in recorded:
+        parameters = {name: value for name, value in parameters.items() if name != "checkpoint_hash"}
+    return recorded == parameters
+
+
 def plan_round(settings, parameters):
     """Start or resume the round in sample_path, its seeds in round.json. Moves an earlier round to history/."""
     folder = settings.sample_path
@@ -93,8 +101,10 @@ def plan_round(settings, parameters):
     round_path = os.path.join(folder, ROUND_FILE)
     current = read_round(round_path)
     rated = any(os.path.exists(path) for path in (settings.score_path, settings.comparison_path))
-    resumable = current and current["parameters"] == parameters and not rated
-    if not resumable:
+    resumable = current and same_round(current["parameters"], parameters) and not rated
+    if resumable:
+        current["parameters"] = parameters  # a round recorded without the checkpoint's hash gains it
+    else:
         moved = archive_round(folder)
         if moved:
             print(f"moved the earlier round to {moved}/")

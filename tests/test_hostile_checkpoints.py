@@ -224,3 +224,17 @@ def test_a_vae_that_decodes_to_nan_is_a_sentence(tiny_checkpoint):
         pipeline.vae.decoder.conv_out.weight.fill_(float("nan"))
     with pytest.raises(UserError, match="VAE decodes latents to NaN or infinite pixels"):
         decode_latents(pipeline, torch.zeros(1, 4, 8, 8))
+
+
+def test_a_round_recorded_before_checkpoint_hashes_resumes_and_gains_the_hash(ldm, tiny_checkpoint, tmp_path):
+    checkpoint = tmp_path / "model.safetensors"
+    save_file(ldm, str(checkpoint))
+    settings = generate_settings(tmp_path, checkpoint, tiny_checkpoint, "--generate_sample_size=3")
+    parameters = generate.round_parameters(settings, None)
+    (tmp_path / "samples").mkdir()
+    recorded = {"parameters": {k: v for k, v in parameters.items() if k != "checkpoint_hash"}, "seeds": [1, 2]}
+    (tmp_path / "samples" / ROUND_FILE).write_text(json.dumps(recorded))
+    generate.plan_round(settings, parameters)
+    current = json.loads((tmp_path / "samples" / ROUND_FILE).read_text())
+    assert current["seeds"][:2] == [1, 2] and len(current["seeds"]) == 3 and current["parameters"] == parameters
+    assert history_rounds(str(tmp_path / "samples")) == []
