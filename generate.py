@@ -58,6 +58,9 @@ def resolve_lora(settings):
 
 def round_parameters(settings, lora):
     checkpoint = {"checkpoint": os.path.abspath(settings.checkpoint_path)}
+    model_hash = model_identity(settings.checkpoint_path)[1]  # hashed once per process, also for the PNGs
+    if model_hash:  # a file: another model saved at the same path makes another round (a folder has no hash)
+        checkpoint["checkpoint_hash"] = model_hash
     if settings.checkpoint_config:  # only when set, so that rounds made before the setting existed still resume
         checkpoint["checkpoint_config"] = os.path.abspath(settings.checkpoint_config)
     return {**checkpoint, "lora": lora and os.path.abspath(lora),
@@ -83,6 +86,14 @@ def read_round(round_path):
     return current
 
 
+def same_round(recorded, parameters):
+    """Whether the round recorded with `recorded` parameters goes on with `parameters`. One recorded before
+    checkpoint hashes were (no "checkpoint_hash") goes on with the file at the same path."""
+    if "checkpoint_hash" not in recorded:
+        parameters = {name: value for name, value in parameters.items() if name != "checkpoint_hash"}
+    return recorded == parameters
+
+
 def plan_round(settings, parameters):
     """Start or resume the round in sample_path, its seeds in round.json. Moves an earlier round to history/."""
     folder = settings.sample_path
@@ -90,8 +101,10 @@ def plan_round(settings, parameters):
     round_path = os.path.join(folder, ROUND_FILE)
     current = read_round(round_path)
     rated = any(os.path.exists(path) for path in (settings.score_path, settings.comparison_path))
-    resumable = current and current["parameters"] == parameters and not rated
-    if not resumable:
+    resumable = current and same_round(current["parameters"], parameters) and not rated
+    if resumable:
+        current["parameters"] = parameters  # a round recorded without the checkpoint's hash gains it
+    else:
         moved = archive_round(folder)
         if moved:
             print(f"moved the earlier round to {moved}/")
@@ -104,6 +117,19 @@ def plan_round(settings, parameters):
             seeds.append(seed)
             taken.add(seed)
     write_json_atomic(round_path, current)
+
+
+def stop_at_non_finite(settings, lora, seeds):
+    """A pipeline callback_on_step_end that stops the batch of `seeds` at the first NaN or infinite latent,
+    before anything of it is written: a checkpoint (or LoRA) with such weights makes only black images."""
+    def check(pipeline, step, timestep, tensors):
+        if not torch.isfinite(tensors["latents"]).all():
+            suspects = f"{settings.checkpoint_path} or of the LoRA {lora}" if lora else settings.checkpoint_path
+            raise UserError(f"the latents of seeds {seeds} became NaN or infinite at DDIM step {step + 1}: the weights "
+                            f"of {suspects} are not finite (a damaged file or a broken merge), so no image of this "
+                            f"batch was written; use another checkpoint{' or --generate_lora=none' if lora else ''}.")
+        return tensors
+    return check
 
 
 def save_image(folder, seed, image, latent, parameters_text, family):
@@ -160,6 +186,7 @@ def generate(settings, state):
                     width=settings.width, num_inference_steps=settings.num_inference_steps,
                     guidance_scale=settings.guidance_scale, eta=settings.eta, num_images_per_prompt=len(batch),
                     generator=[torch.Generator().manual_seed(s) for s in batch], output_type="latent",
+                    callback_on_step_end=stop_at_non_finite(settings, lora, batch),
                 ).images  # (batch, 4, h/8, w/8)
                 images = decode_latents(pipeline, latents)
             for seed, image, latent in zip(batch, images, latents):

@@ -279,9 +279,10 @@ def test_the_ui_lora_carries_kohyas_metadata_and_a_preview_card(trained_from_the
                 "modelspec.implementation": "diffusers", "modelspec.title": "fox_ui_lora_epoch_1",
                 "modelspec.resolution": "64x64", "modelspec.prediction_type": "epsilon",
                 "almostperfect.prompt": "a neon sign", "almostperfect.epoch": "1",
-                "almostperfect.reward_model": str(folder / "models" / "reward_model.safetensors"),
+                "almostperfect.reward_model": "reward_model.safetensors",
                 "almostperfect.reward_model_sha256": sha256_of_file(folder / "models" / "reward_model.safetensors"),
-                "almostperfect.checkpoint": tiny_file}
+                "almostperfect.checkpoint": "tiny-sd15",
+                "almostperfect.checkpoint_hash": sha256_of_file(tiny_file)[:10]}
     assert {k: metadata.get(k) for k in expected} == expected
     assert metadata["modelspec.date"][:4].isdigit() and "T" in metadata["modelspec.date"]
     with Image.open(folder / "outputs" / "fox_ui_lora_epoch_1.preview.png") as card:

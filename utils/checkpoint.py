@@ -8,10 +8,14 @@ tensor names and shapes before any weight is loaded: SD1.x and SDXL base load, a
 sentence naming the file and what it is.
 """
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
 import pickle
+import re
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -29,7 +33,9 @@ CLIP_TOKENIZER = CONFIGS / "clip_tokenizer"
 PIPELINES = {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
 FAMILY_NAMES = {"sd15": "SD1.x", "sdxl": "SDXL"}
 NOT_LOADED = {"safety_checker", "feature_extractor", "image_encoder"}  # never used here; may be absent
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # compared with the name in lower case, as WebUI does
+# diffusers' wording for a tensor of another shape than the config's model has
+WRONG_SHAPE = re.compile(r"(\S+) expected shape torch\.Size\((\[[^\]]*\])\), but got torch\.Size\((\[[^\]]*\])\)")
 HASH_BAR_BYTES = 256 * 2**20  # hashing files above this size shows a progress bar
 # diffusers' names (infer_diffusers_model_type) for families that are not loaded, as a person says them
 OTHER_FAMILIES = {
@@ -69,19 +75,34 @@ def model_family(pipeline):
     return "sdxl" if isinstance(pipeline, StableDiffusionXLPipeline) else "sd15"
 
 
+def checkpoint_file_name(path):
+    """The checkpoint's file or folder name without the folders above it, as kohya writes ss_sd_model_name."""
+    return os.path.basename(os.path.normpath(str(path)))
+
+
 def model_identity(path):
     """(Model, Model hash) as WebUI writes them in a PNG's parameters: the file name without extension and
     WebUI's short hash (the first 10 hex digits of the whole file's SHA-256). A diffusers folder is its
     folder name and no hash: WebUI never hashes folders, so no hash of ours could match one of its."""
-    path = os.path.normpath(str(path))
     if os.path.isdir(path):
-        return os.path.basename(path), None
-    return os.path.splitext(os.path.basename(path))[0], sha256_of_file(path)[:10]
+        return checkpoint_file_name(path), None
+    return os.path.splitext(checkpoint_file_name(path))[0], sha256_of_file(path)[:10]
 
 
 def sha256_of_file(path):
-    """SHA-256 of a file, read in blocks (checkpoints are gigabytes), with a progress bar for big ones."""
-    digest, size = hashlib.sha256(), os.path.getsize(path)
+    """SHA-256 of a file, read in blocks (checkpoints are gigabytes), with a progress bar for big ones.
+
+    Remembered per (file, inode, size, modification time) for the process: a stage asks for a checkpoint's hash
+    more than once (its round, each image's parameters, each LoRA's metadata), and a file replaced at the
+    same path (renamed over it: another inode) or rewritten has another identity, so it is hashed again.
+    """
+    status = os.stat(path)
+    return _sha256(os.path.realpath(path), status.st_ino, status.st_size, status.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path, inode, size, mtime_ns):
+    digest = hashlib.sha256()
     with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, leave=False,
                                      desc=f"hashing {os.path.basename(path)}", disable=size < HASH_BAR_BYTES) as bar:
         for block in iter(lambda: f.read(2**22), b""):
@@ -151,7 +172,21 @@ def _read_json(path):
 
 
 def _from_folder(path, family, dtype):
-    return PIPELINES[family].from_pretrained(path, dtype=dtype, local_files_only=True, **_unused_components(family))
+    """The folder's pipeline. Weights saved as pickled .bin files load too, as tensors only (diffusers and
+    transformers read them with torch.load(weights_only=True)); one that holds more is refused."""
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # .bin weights: "Defaulting to unsafe serialization", which is not so
+    try:
+        pipeline = PIPELINES[family].from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                     **_unused_components(family))
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise UserError(f"{path} has weights that cannot be loaded ({str(error).strip().splitlines()[0]}): a "
+                        "component's file is damaged, truncated or a pickle holding more than tensors; get the "
+                        "model's .safetensors files (or a single .safetensors checkpoint) again.") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    _refuse_missing_weights(path, pipeline)
+    return pipeline
 
 
 def _unused_components(family):
@@ -165,7 +200,14 @@ def _unused_components(family):
 
 def tensor_shapes(path):
     """{tensor name: shape} of a checkpoint file, read without loading a .safetensors file's weights."""
-    if path.endswith(".safetensors"):
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:
+        raise UserError(f"{path} is neither a diffusers folder nor a .safetensors or .ckpt checkpoint file.")
+    not_weights = _not_weights(path)
+    if not_weights:
+        raise UserError(f"{path} cannot be read as a {suffix} file: it is not a checkpoint but {not_weights}; "
+                        "download or copy the model again.")
+    if suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
         try:
             with safe_open(path, framework="pt") as f:
@@ -173,23 +215,42 @@ def tensor_shapes(path):
         except (SafetensorError, OSError) as error:
             raise UserError(f"{path} cannot be read as a .safetensors file ({error}): it is truncated (an "
                             "interrupted download or copy?) or not a checkpoint; download or copy it again.") from None
-    if path.endswith(PICKLE_SUFFIXES):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-        except pickle.UnpicklingError:
-            raise UserError(
-                f"{path} is a pickled checkpoint holding more than weights (Python objects that loading would run as "
-                "code), so it is not loaded; get the .safetensors release of the model, or convert this file once with "
-                "a tool you trust (e.g. WebUI's Checkpoint Merger, saving as safetensors).") from None
-        except (RuntimeError, EOFError, OSError, KeyError, ValueError) as error:
-            raise UserError(f"{path} cannot be read as a checkpoint ({str(error).splitlines()[0]}): it is truncated "
-                            "or not a checkpoint; download or copy it again.") from None
-        while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
-        if not isinstance(state, dict):
-            raise UserError(f"{path} holds a {type(state).__name__}, not a checkpoint's tensors.")
-        return {key: tuple(value.shape) for key, value in state.items() if isinstance(value, torch.Tensor)}
-    raise UserError(f"{path} is neither a diffusers folder nor a .safetensors or .ckpt checkpoint file.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError:
+        raise UserError(
+            f"{path} is a pickled checkpoint holding more than weights (Python objects that loading would run as "
+            "code), so it is not loaded; get the .safetensors release of the model, or convert this file once with "
+            "a tool you trust (e.g. WebUI's Checkpoint Merger, saving as safetensors).") from None
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError) as error:
+        raise UserError(f"{path} cannot be read as a checkpoint ({str(error).splitlines()[0]}): it is truncated "
+                        "or not a checkpoint; download or copy it again.") from None
+    while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserError(f"{path} holds a {type(state).__name__}, not a checkpoint's tensors.")
+    return {key: tuple(value.shape) for key, value in state.items() if isinstance(value, torch.Tensor)}
+
+
+def _not_weights(path):
+    """What a file named as a checkpoint is instead ("an empty file", "an HTML page ..."), or None.
+
+    Both formats start with bytes that are not text (safetensors: a little-endian header length, so NULs;
+    torch: a zip's or a pickle's opcodes), so a start that reads as text is a page or a note saved under
+    the model's name.
+    """
+    with open(path, "rb") as f:
+        start = f.read(1024)
+    if not start:
+        return "an empty file (0 bytes: an interrupted download or copy?)"
+    text = start.decode("utf-8", errors="ignore").lstrip("\ufeff \t\r\n")  # "ignore": a character cut at 1024
+    if not text or not all(c.isprintable() or c in "\t\r\n" for c in text):
+        return None
+    if "<html" in text.lower() or text.lower().startswith("<!doctype"):
+        return "an HTML page (a web page saved in place of the download: a login, error or redirect page?)"
+    if text.startswith("version https://git-lfs"):
+        return "a Git LFS pointer (the repository was cloned without `git lfs pull`)"
+    return f"a text file (it starts {text.splitlines()[0][:60]!r})"
 
 
 def file_family(path):
@@ -203,7 +264,11 @@ def file_family(path):
         raise UserError(f"{path} is {_what_else(shapes)}, not a Stable Diffusion checkpoint (it has no "
                         "model.diffusion_model.* UNet weights); point checkpoint_path at a full SD1.x or SDXL checkpoint.")
     # diffusers' own detection, run on shape-only tensors so that no weight is read
-    model_type = infer_diffusers_model_type({k: torch.empty(s, device="meta") for k, s in shapes.items()})
+    try:
+        model_type = infer_diffusers_model_type({k: torch.empty(s, device="meta") for k, s in shapes.items()})
+    except IndexError:  # it reads given dimensions of given tensors
+        raise UserError(f"{path} has a tensor of the wrong rank among those that tell SD models apart: the file is "
+                        "damaged or not a Stable Diffusion checkpoint; download it again.") from None
     if model_type == "v1" and has("cond_stage_model.model."):
         model_type = "v2"  # an OpenCLIP text encoder is SD2's, whatever the UNet's widths
     if model_type == "v1" and has("conditioner.embedders.1.model."):
@@ -266,11 +331,48 @@ def _from_single_file(path, family, folder, own_config, dtype):
     # its single-file model loader casts with .to(dtype) and then warns, with an empty list, about doing so
     diffusers_logging.set_verbosity_error()
     try:
-        # config= a local folder and local_files_only: diffusers would otherwise go to the Hub for them
-        return PIPELINES[family].from_single_file(path, config=str(folder), local_files_only=True, dtype=dtype,
-                                                  **components)
+        with _lower_case_suffix(path) as readable_path:
+            # config= a local folder and local_files_only: diffusers would otherwise go to the Hub for them
+            pipeline = PIPELINES[family].from_single_file(readable_path, config=str(folder), local_files_only=True,
+                                                          dtype=dtype, **components)
     except (ValueError, RuntimeError, KeyError, OSError) as error:
+        wrong_shape = WRONG_SHAPE.search(str(error))
+        if wrong_shape:
+            name, expected, found = wrong_shape.groups()
+            raise UserError(f"{path} does not fit {source}: it has a tensor of shape {found} for {name}, where "
+                            f"they need {expected}; the file is damaged or of another architecture: download it again, "
+                            "or for a fine-tune with another architecture set checkpoint_config to a diffusers folder "
+                            "of its base model.") from None
         raise UserError(f"{path} does not fit {source} ({str(error).strip().splitlines()[0]}); for a fine-tune "
                         "with another architecture set checkpoint_config to a diffusers folder of its base model.") from None
     finally:
         diffusers_logging.set_verbosity(verbosity)
+    _refuse_missing_weights(path, pipeline)
+    return pipeline
+
+
+@contextlib.contextmanager
+def _lower_case_suffix(path):
+    """`path`, or a link to it named *.safetensors / *.ckpt in lower case: diffusers reads a file as safetensors
+    only by its lower-case suffix, and WebUI users have MODEL.SAFETENSORS files too."""
+    suffix = os.path.splitext(path)[1]
+    if suffix == suffix.lower():
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="checkpoint_") as folder:
+        link = os.path.join(folder, "checkpoint" + suffix.lower())
+        os.symlink(os.path.abspath(path), link)
+        yield link
+
+
+def _refuse_missing_weights(path, pipeline):
+    """A file that lacks some of its model's tensors loads without an error in diffusers, those weights left
+    empty ("meta"), and fails only at the first image; this names what it lacks instead."""
+    for component, model in pipeline.components.items():
+        if not isinstance(model, torch.nn.Module):
+            continue
+        missing = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+        if missing:
+            raise UserError(f"{path} lacks {len(missing)} tensor(s) of its {component} (such as {missing[0]}): the "
+                            "file is incomplete (an interrupted download, or a save that left parts out); download "
+                            "the full checkpoint again.")

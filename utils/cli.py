@@ -12,6 +12,7 @@ import sys
 from types import SimpleNamespace
 
 import torch
+from tqdm.auto import tqdm
 
 import config
 from ddpo.errors import TrainingDoesNotFit
@@ -26,6 +27,10 @@ MIN_IMAGE_SIZE = 64  # pixels: the reward CNN's three poolings need latents of a
 SCHEDULER_TRAINING_STEPS = 1000  # SD1.5's DDIM scheduler has 1000 noise levels; more steps than that repeat none
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # no room on the disk, over the quota, over the size limit
 BOOL_OR_AUTO = {"train_gradient_checkpointing"}  # True, False or "auto"
+# Settings that name a file or folder: a leading ~ is the user's home, as in a shell (config.py and the
+# command line alike; a quoted "--checkpoint_path=~/models/x.safetensors" reaches us unexpanded).
+PATH_SETTINGS = ("sample_path", "score_path", "comparison_path", "model_path", "checkpoint_path", "checkpoint_config",
+                 "reward_model_path", "lora_path", "generate_lora", "prompt_file", "rank_folder")
 # A file inside a folder setting follows that folder when only the folder is overridden on the command line.
 FOLLOWS = {"score_path": ("sample_path", "scores.json"), "comparison_path": ("sample_path", "comparisons.json"),
            "reward_model_path": ("model_path", "reward_model.safetensors")}
@@ -109,6 +114,8 @@ def parse_settings(argv, used=None):
     for name, (folder, file_name) in FOLLOWS.items():
         if folder in overridden and name not in overridden:
             values[name] = os.path.join(values[folder], file_name)
+    for name in PATH_SETTINGS:
+        values[name] = os.path.expanduser(values[name])
     apply_reward_recipe(values, overridden)
     if wants_help:  # after the recipe, so that --help shows the values the stage would use
         print_help(values, used)
@@ -252,11 +259,21 @@ def print_help(values, used):
         print(f"  --{name}={values[name]}")
 
 
+def end_progress_bars():
+    """Close the progress bars an error interrupted, so that its sentence starts a line of its own."""
+    for bar in list(tqdm._instances):
+        bar.close()
+
+
 def run_stage(main, used_settings):
     """Call main(settings) with the command line's settings; bad input exits with one line, not a traceback."""
     try:
         settings = parse_settings(sys.argv[1:], used_settings)
-        main(settings)
+        try:
+            main(settings)
+        except BaseException:
+            end_progress_bars()
+            raise
     except (UserError, TrainingDoesNotFit) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -12,7 +12,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
 
 from ddpo.lora import kohya_state_dict, lora_alpha
-from utils.checkpoint import sha256_of_file
+from utils.checkpoint import checkpoint_file_name, model_identity, sha256_of_file
 from utils.errors import UserError
 from utils.files import writing
 
@@ -63,17 +63,24 @@ def save_lora(unet, folder, epoch, prefix="", metadata=None, family="sd15"):
 
 def lora_metadata(settings, epoch, unet, base_model="sd15"):
     """The ui_lora file's header: the ss_* and modelspec.* keys kohya's trainers write (and WebUI and ComfyUI
-    show), and what this LoRA was trained for (prompt, epoch, reward model). All values are strings."""
+    show), and what this LoRA was trained for (prompt, epoch, reward model). All values are strings.
+
+    The file is shared, and WebUI shows its header to whoever loads it, so it names files, never paths: the
+    base model by its name and WebUI short hash (utils/checkpoint.py model_identity), the reward model by its
+    name and SHA-256 (docs/sharing.md)."""
     output_name = os.path.basename(epoch_files("", epoch, settings.lora_name_prefix)["ui"]).removesuffix(".safetensors")
     version, architecture, implementation = BASE_MODELS[base_model]
     reward_model = os.path.basename(settings.reward_model_path)
     reward_hash = sha256_of_file(settings.reward_model_path) if os.path.isfile(settings.reward_model_path) else ""
+    base_name, base_hash = model_identity(settings.checkpoint_path)
+    base_file = checkpoint_file_name(settings.checkpoint_path)
+    base_shown = f"{base_file} [{base_hash}]" if base_hash else base_file  # as WebUI's checkpoint list shows it
     description = (f"DDPO LoRA (AlmostPerfect) for the prompt {settings.prompt!r}, epoch {epoch}, trained against "
-                   f"the reward model {reward_model}; load it on the base model {settings.checkpoint_path}.")
+                   f"the reward model {reward_model}; load it on the base model {base_shown}.")
     return {
         "ss_network_module": "networks.lora", "ss_network_dim": str(settings.lora_rank),
         "ss_network_alpha": str(float(lora_alpha(unet))), "ss_base_model_version": version, "ss_v2": "False",
-        "ss_output_name": output_name, "ss_sd_model_name": os.path.basename(os.path.normpath(settings.checkpoint_path)),
+        "ss_output_name": output_name, "ss_sd_model_name": base_file,
         "ss_resolution": f"({settings.width}, {settings.height})", "ss_epoch": str(epoch),
         "ss_num_epochs": str(settings.train_policy_num_epochs),
         "ss_learning_rate": str(settings.train_policy_learning_rate),
@@ -84,9 +91,9 @@ def lora_metadata(settings, epoch, unet, base_model="sd15"):
         "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
         "modelspec.prediction_type": "epsilon", "modelspec.description": description,
         "almostperfect.prompt": settings.prompt, "almostperfect.negative_prompt": settings.negative_prompt,
-        "almostperfect.epoch": str(epoch), "almostperfect.reward_model": os.path.abspath(settings.reward_model_path),
+        "almostperfect.epoch": str(epoch), "almostperfect.reward_model": reward_model,
         "almostperfect.reward_model_sha256": reward_hash,
-        "almostperfect.checkpoint": os.path.abspath(settings.checkpoint_path),
+        "almostperfect.checkpoint": base_name, "almostperfect.checkpoint_hash": base_hash or "",
     }
 
 

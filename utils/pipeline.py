@@ -7,6 +7,7 @@ from transformers.utils import logging as transformers_logging
 
 from ddpo.sampling import schedule_on
 from utils.checkpoint import load_checkpoint, model_family
+from utils.errors import UserError
 
 
 def load_pipeline(checkpoint_path, device, dtype, checkpoint_config=""):
@@ -43,7 +44,10 @@ def decode_latents(pipeline, latents):
     if upcast:
         vae.to(dtype=torch.float32)
     latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
-    images = vae.decode(latents, return_dict=False)[0]
+    images = vae.decode(latents, return_dict=False)[0]  # (batch, 3, h, w) in [-1, 1]
     if upcast:
         vae.to(dtype=torch.float16)
+    if not torch.isfinite(images).all():  # they would be black images, that a person then rates
+        raise UserError("the checkpoint's VAE decodes latents to NaN or infinite pixels: its VAE weights are not "
+                        "finite (a damaged file or a broken merge) or overflow in fp16; use another checkpoint.")
     return pipeline.image_processor.postprocess(images, output_type="pil")
