@@ -86,13 +86,15 @@ def read_round(round_path):
 def plan_round(settings, parameters):
     """Start or resume the round in sample_path, its seeds in round.json. Moves an earlier round to history/."""
     folder = settings.sample_path
-    finish_interrupted_archive(folder)  # before looking at round.json: it may belong to that half-moved round
+    rating_files = [os.path.basename(settings.score_path), os.path.basename(settings.comparison_path)]
+    # before looking at round.json: it may belong to that half-moved round
+    finish_interrupted_archive(folder, rating_files)
     round_path = os.path.join(folder, ROUND_FILE)
     current = read_round(round_path)
     rated = any(os.path.exists(path) for path in (settings.score_path, settings.comparison_path))
     resumable = current and current["parameters"] == parameters and not rated
     if not resumable:
-        moved = archive_round(folder)
+        moved = archive_round(folder, rating_files)
         if moved:
             print(f"moved the earlier round to {moved}/")
         current = {"parameters": parameters, "seeds": []}

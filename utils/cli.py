@@ -16,6 +16,8 @@ import torch
 import config
 from ddpo.errors import TrainingDoesNotFit
 from utils.errors import UserError
+from utils.locks import LOCK_NAME
+from utils.samples import HISTORY, LATENTS, RATING_ORDER_FILE, ROUND_FILE, is_image_name
 
 
 class SettingsError(UserError, ValueError):
@@ -25,6 +27,7 @@ class SettingsError(UserError, ValueError):
 MIN_IMAGE_SIZE = 64  # pixels: the reward CNN's three poolings need latents of at least 8x8
 SCHEDULER_TRAINING_STEPS = 1000  # SD1.5's DDIM scheduler has 1000 noise levels; more inference steps than that repeat none
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # no room on the disk, over the quota, over the size limit
+ROUND_OWN_NAMES = {HISTORY, LATENTS, ROUND_FILE, RATING_ORDER_FILE, LOCK_NAME}  # in sample_path, besides <seed>.png
 BOOL_OR_AUTO = {"train_gradient_checkpointing"}  # True, False or "auto"
 # A file inside a folder setting follows that folder when only the folder is overridden on the command line.
 FOLLOWS = {"score_path": ("sample_path", "scores.json"), "comparison_path": ("sample_path", "comparisons.json"),
@@ -163,11 +166,7 @@ def validate_settings(s, num_processes=1):
     if s.seed < 0:
         raise SettingsError(f"seed must be 0 or more (got {s.seed}).")
     seed_list(s.train_preview_seeds, "train_preview_seeds")
-    score_folder = os.path.dirname(os.path.abspath(s.score_path))
-    if os.path.realpath(score_folder) != os.path.realpath(s.sample_path):
-        raise SettingsError(
-            f"score_path {s.score_path!r} must be a file directly in sample_path {s.sample_path!r}: a round's ratings "
-            f"move to history/ with its images, and a scores.json elsewhere would be left behind.")
+    check_folder_layout(s)
     for name in ("generate_sample_size", "generate_batch_size", "num_inference_steps", "train_reward_num_epochs",
                  "train_reward_batch_size", "train_reward_ensemble_size", "train_policy_num_epochs", "train_save_freq", "train_sample_batch_size",
                  "train_sample_num_batches_per_epoch", "train_policy_batch_size", "train_optimizer_steps_per_epoch",
@@ -207,6 +206,48 @@ def validate_settings(s, num_processes=1):
         raise SettingsError(f"device must be cuda, cuda:N, cpu or mps (got {s.device!r}).")
     if s.device.startswith("cuda") and not torch.cuda.is_available():
         raise SettingsError(f"device is {s.device!r} but PyTorch sees no CUDA GPU; use --device=cpu or install a CUDA build of torch.")
+
+
+def _real(path):
+    return os.path.realpath(os.path.expanduser(path))
+
+
+def _inside(path, folder):
+    """Whether `path` is `folder` or lies anywhere below it (links resolved)."""
+    return os.path.commonpath([_real(path), _real(folder)]) == _real(folder)
+
+
+def check_folder_layout(s):
+    """Refuse layouts in which a stage would move, overwrite or lose what another stage or the person keeps.
+
+    The stages' folders (sample_path, model_path, lora_path) and the checkpoint lie apart: generate moves
+    a round out of sample_path, and a folder inside another would be taken for part of it. The one nesting
+    allowed is the default's, the checkpoint in model_path (train_reward writes only its own files there).
+    The ratings lie directly in sample_path, so that they move to history/ with their round, under names of
+    their own.
+    """
+    folders = ("sample_path", "model_path", "lora_path")
+    for index, name in enumerate(folders):
+        for other in folders[index + 1:]:
+            if _inside(getattr(s, name), getattr(s, other)) or _inside(getattr(s, other), getattr(s, name)):
+                raise SettingsError(f"{name} {getattr(s, name)!r} and {other} {getattr(s, other)!r} overlap (one is "
+                                    f"in the other): each stage needs a folder of its own; give them separate folders.")
+        folder = getattr(s, name)
+        if _inside(folder, s.checkpoint_path) or (name != "model_path" and _inside(s.checkpoint_path, folder)):
+            raise SettingsError(f"checkpoint_path {s.checkpoint_path!r} and {name} {folder!r} overlap (one is in the "
+                                f"other): keep the checkpoint out of the stages' folders (model_path may hold it).")
+    for name in ("score_path", "comparison_path"):
+        path = getattr(s, name)
+        if _real(os.path.dirname(os.path.abspath(path))) != _real(s.sample_path):
+            raise SettingsError(
+                f"{name} {path!r} must be a file directly in sample_path {s.sample_path!r}: a round's ratings "
+                f"move to history/ with its images, and ratings elsewhere would be left behind.")
+        if os.path.basename(path) in ROUND_OWN_NAMES or is_image_name(os.path.basename(path)):
+            raise SettingsError(f"{name} {path!r} has the name of a file or folder the round keeps in sample_path "
+                                f"({', '.join(sorted(ROUND_OWN_NAMES))}, <seed>.png): give it another name.")
+    if _real(s.score_path) == _real(s.comparison_path):
+        raise SettingsError(f"score_path and comparison_path are the same file {s.score_path!r}: the one would "
+                            "overwrite the other; give them different names.")
 
 
 def print_help(values, used):
