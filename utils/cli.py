@@ -6,14 +6,15 @@ checking them against each other and `--help` are here, so config.py stays a pag
 
 import difflib
 import errno
+import importlib
 import math
 import os
 import sys
-from types import SimpleNamespace
+import traceback
+from types import ModuleType, SimpleNamespace
 
 import torch
 
-import config
 from ddpo.errors import TrainingDoesNotFit
 from utils.errors import UserError
 from utils.locks import LOCK_NAME
@@ -34,9 +35,71 @@ FOLLOWS = {"score_path": ("sample_path", "scores.json"), "comparison_path": ("sa
            "reward_model_path": ("model_path", "reward_model.safetensors")}
 
 
+# The type of each setting's value, which config.py's values must have too: config.py is edited by hand, and a
+# "32" for 32 would otherwise surface as a TypeError deep inside a stage. Settings not listed take any type.
+INTEGERS = {"lora_rank", "generate_sample_size", "generate_batch_size", "height", "width", "num_inference_steps",
+            "score_port", "train_reward_num_epochs", "train_reward_batch_size", "train_reward_ensemble_size",
+            "train_policy_num_epochs", "train_save_freq", "train_sample_batch_size",
+            "train_sample_num_batches_per_epoch", "train_policy_batch_size", "train_optimizer_steps_per_epoch", "train_timesteps_per_call", "seed"}
+NUMBERS = {"guidance_scale", "eta", "train_reward_test_split_ratio", "train_reward_learning_rate",
+           "train_reward_min_correlation", "train_policy_learning_rate", "train_adv_clip_max", "train_clip_range",
+           "train_timestep_fraction"}
+BOOLEANS = {"generate_vae_slicing", "generate_vae_tiling", "score_open_browser", "train_reward_use_history",
+            "train_reward_flip_augment", "train_offload_frozen", "train_compile"}
+TEXTS = {"sample_path", "score_path", "comparison_path", "model_path", "checkpoint_path", "checkpoint_config",
+         "reward_model_path", "lora_path", "lora_name_prefix", "device", "mixed_precision", "attention_backend",
+         "generate_lora", "prompt", "prompt_file", "negative_prompt", "score_host", "train_reward_loss", "rank_folder",
+         "train_preview_seeds"}
+
+
+def _config():
+    """The config module; a config.py that Python cannot run (a typo, bytes that are not UTF-8) is one sentence."""
+    try:
+        return importlib.import_module("config")
+    except Exception as error:  # SyntaxError, NameError, ...: whatever the edit broke
+        frames = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
+                  if os.path.basename(frame.filename) == "config.py"]
+        line = getattr(error, "lineno", None) if isinstance(error, SyntaxError) else (frames or [None])[-1]
+        where, why = f" on line {line}" if line else "", getattr(error, "msg", None) or error
+        raise SettingsError(f"config.py cannot be read ({type(error).__name__}{where}: {why}): fix that line, "
+                            "or restore config.py from git.") from None
+
+
 def defaults():
     """{name: value} of every setting in config.py, read now so that edits made by importers count."""
-    return {k: v for k, v in vars(config).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
+    values = {k: v for k, v in vars(_config()).items()
+              if not k.startswith("_") and not callable(v) and not isinstance(v, ModuleType)}
+    check_config_types(values)
+    return values
+
+
+def _type_problem(name, value):
+    """What is wrong with `value` as the setting `name`'s value, or None (an int where a number goes is fine)."""
+    if name in INTEGERS and (type(value) is not int):
+        return "a whole number"
+    if name in NUMBERS and (type(value) not in (int, float)):
+        return "a number"
+    if name in BOOLEANS and type(value) is not bool:
+        return "True or False"
+    if name in BOOL_OR_AUTO and not (type(value) is bool or value == "auto"):
+        return 'True, False or "auto"'
+    if name in TEXTS and not isinstance(value, str):
+        return "text in quotes"
+    return None
+
+
+def check_config_types(values):
+    """config.py's own values against each setting's type, and none of them missing: one sentence naming
+    config.py and the setting."""
+    for name in sorted(INTEGERS | NUMBERS | BOOLEANS | BOOL_OR_AUTO | TEXTS):
+        if name not in values:
+            raise SettingsError(f"config.py has no setting {name}: put back its line (see config.py in git).")
+        problem = _type_problem(name, values[name])
+        if problem:
+            raise SettingsError(f"config.py sets {name} = {values[name]!r}, which is not {problem}: fix that line "
+                                "of config.py.")
+        if name in NUMBERS:
+            values[name] = float(values[name])
 
 
 def _parse_bool(name, text):
@@ -127,6 +190,15 @@ def stage_paths(folder, checkpoint=None):
     }
 
 
+def _is_utf8(text):
+    """Whether `text` is valid Unicode: bytes of the command line that are not UTF-8 arrive as lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def seed_list(text, name):
     """[int, ...] from "0,1,2,3" ("" = none); SettingsError naming the setting otherwise."""
     try:
@@ -152,6 +224,9 @@ def validate_settings(s, num_processes=1):
     for name, value in vars(s).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise SettingsError(f"{name} must be a finite number (got {value}).")
+        if isinstance(value, str) and not _is_utf8(value):
+            raise SettingsError(f"{name} is not valid UTF-8 text ({value.encode('utf-8', 'surrogateescape')!r}): "
+                                "write it in UTF-8 (your terminal's or editor's encoding setting).")
     if s.eta <= 0:
         raise SettingsError(f"eta must be > 0 (got {s.eta}): with eta = 0 DDIM is deterministic and DDPO's log-probabilities are undefined.")
     for name in ("height", "width"):

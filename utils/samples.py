@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from utils.checkpoint import FAMILY_NAMES
 from utils.errors import UserError
 from utils.files import crash_point, writing
 
@@ -85,9 +86,19 @@ def load_latent(path):
 
 def latent_family(path):
     """"sd15" or "sdxl": the family of the model that made a saved latent (both have 4 channels, so
-    only this tells them apart). Latents saved before families were recorded are SD1.5's."""
-    with safe_open(path, framework="pt") as f:
-        return (f.metadata() or {}).get("family", "sd15")
+    only this tells them apart). Latents saved before families were recorded are SD1.5's. UserError
+    naming the file when it records a family this program does not know, or cannot be read."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            family = (f.metadata() or {}).get("family", "sd15")
+    except (SafetensorError, OSError) as error:
+        problem = f"not a saved latent ({type(error).__name__})"
+    else:
+        if family in FAMILY_NAMES:
+            return family
+        problem = f"a latent of a model family {family!r} that is neither {' nor '.join(FAMILY_NAMES)}"
+    raise UserError(f"{path} is {problem}: move it away (the image is then VAE-encoded from its PNG) "
+                    "or remove the image's rating.")
 
 
 def history_rounds(folder):
