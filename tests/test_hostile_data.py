@@ -218,3 +218,19 @@ def test_an_archive_to_another_drive_killed_midway_is_finished_whole(history_els
     finish_interrupted_archive(str(samples))
     assert sorted(os.listdir(samples)) == ["history"]
     assert snapshot(samples / "history" / "round_001") == round_files
+
+
+def test_an_archive_across_drives_never_overwrites_what_the_round_already_holds(tmp_path, monkeypatch):
+    samples = tmp_path / "samples"
+    rated_round(samples)
+    partial = samples / "history" / ".round_001.partial"
+    partial.mkdir(parents=True)
+    (partial / "round.json").mkdir()  # a folder where the file goes
+    (partial / "scores.json").write_text("{}")  # another file of that name
+    cross_device_renames(monkeypatch, samples)
+    finish_interrupted_archive(str(samples))
+    archived = samples / "history" / "round_001"
+    assert (archived / "round.json").is_dir() and (archived / "scores.json").read_text() == "{}"
+    for name in ("round.json", "scores.json"):  # the round's own, kept beside
+        assert len(list(archived.glob(f"{name}.conflict-*"))) == 1, name
+    assert sorted(os.listdir(samples)) == ["history"]

@@ -189,25 +189,29 @@ def move_entry(source, target):
     folder is moved entry by entry: at every moment each file is whole in one place at least. A rerun after
     a crash finds the copy and the source both there, equal, and only removes the source.
     """
-    if os.path.lexists(target) and not os.path.isdir(target):
+    if os.path.lexists(target) and not (_is_folder(source) and _is_folder(target)):  # folders merge
         if _same_entry(source, target):
             os.unlink(source)  # copied before a crash, not yet removed
             return
         target = f"{target}.conflict-{time.strftime('%Y%m%d-%H%M%S')}"
-    if not os.path.isdir(target):
+    if not os.path.lexists(target):
         try:
             os.rename(source, target)
             return
         except OSError as error:
             if error.errno != errno.EXDEV:
                 raise
-    if os.path.isdir(source) and not os.path.islink(source):
+    if _is_folder(source):
         os.makedirs(target, exist_ok=True)
         for name in sorted(os.listdir(source)):
             move_entry(os.path.join(source, name), os.path.join(target, name))
         os.rmdir(source)
         return
     _copy_then_remove(source, target)
+
+
+def _is_folder(path):
+    return os.path.isdir(path) and not os.path.islink(path)
 
 
 def _copy_then_remove(source, target):
