@@ -113,6 +113,7 @@ def rng_as_floats(state):
     lambda s: s.update(epoch="1"), lambda s: s.update(epoch=1.0), lambda s: s.update(epoch=True),
     lambda s: s.update(epoch=-1), lambda s: s.update(metrics_lines="1"), lambda s: s.update(metrics_lines=-2),
     lambda s: s.update(lora=[1, 2]), lambda s: s.update(lora={"a": torch.zeros(2, dtype=torch.long)}),
+    lambda s: s.update(lora={k: torch.full_like(v, float("nan")) for k, v in s["lora"].items()}),
     lambda s: s.update(optimizer=None), lambda s: s.update(optimizer={"state": [], "param_groups": []}),
     lambda s: s.update(rng={"torch": torch.zeros(3, dtype=torch.uint8), "cuda": []}), rng_as_floats,
     lambda s: s.update(rng={"torch": s["rng"]["torch"], "cuda": "none"}),

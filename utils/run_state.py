@@ -73,7 +73,8 @@ def _state_problem(state):
         "epoch": _is_count(state["epoch"]),
         "metrics_lines": _is_count(state["metrics_lines"]),
         "lora": isinstance(state["lora"], dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                        and v.is_floating_point() for k, v in state["lora"].items()),
+                                                        and v.is_floating_point() and bool(torch.isfinite(v).all())
+                                                        for k, v in state["lora"].items()),
         "optimizer": isinstance(state["optimizer"], dict) and isinstance(state["optimizer"].get("state"), dict)
         and isinstance(state["optimizer"].get("param_groups"), list),
         "rng": isinstance(rng, dict) and _is_rng_state(rng.get("torch"))
