@@ -40,7 +40,8 @@ FOLLOWS = {"score_path": ("sample_path", "scores.json"), "comparison_path": ("sa
 INTEGERS = {"lora_rank", "generate_sample_size", "generate_batch_size", "height", "width", "num_inference_steps",
             "score_port", "train_reward_num_epochs", "train_reward_batch_size", "train_reward_ensemble_size",
             "train_policy_num_epochs", "train_save_freq", "train_sample_batch_size",
-            "train_sample_num_batches_per_epoch", "train_policy_batch_size", "train_optimizer_steps_per_epoch", "train_timesteps_per_call", "seed"}
+            "train_sample_num_batches_per_epoch", "train_policy_batch_size", "train_optimizer_steps_per_epoch",
+            "train_timesteps_per_call", "seed"}
 NUMBERS = {"guidance_scale", "eta", "train_reward_test_split_ratio", "train_reward_learning_rate",
            "train_reward_min_correlation", "train_policy_learning_rate", "train_adv_clip_max", "train_clip_range",
            "train_timestep_fraction"}
