@@ -8,7 +8,8 @@ Reads   models/checkpoint/ (SD1.x or SDXL: a diffusers folder, or the checkpoint
 Writes  samples/<seed>.png with WebUI-style `parameters`, samples/latents/<seed>.safetensors (the final
         latent, so no stage re-encodes PNGs), samples/round.json (the round's settings and seeds).
 An interrupted run resumes: run it again and only the missing images are made. A new round (other
-settings or LoRA, or the current one already rated) first moves the old one to samples/history/.
+settings or LoRA, or the current one already rated) first moves the old one to samples/history/: its images,
+latents, round.json and ratings, nothing else of the folder (utils/samples.py round_entries).
 While it runs, samples/.lock keeps other generate runs and the rating page off the folder.
 """
 
