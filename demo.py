@@ -18,25 +18,26 @@ round are only the measurement.
 
 Everything is written under demo/ (checkpoint/, samples/, models/ and outputs/ with their metrics,
 plots and previews, summary.json); your models/, samples/ and outputs/ are never touched. A rerun
-starts demo/ afresh. About 2 minutes on 2 idle CPU cores.
+starts demo/ afresh: it removes what the last run made (listed in demo/.almostperfect_demo) and
+nothing else, so files you put in demo/ stay. About 2 minutes on 2 idle CPU cores.
 """
 
+import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 
 from tools.scripted_rater import brightness_values, calibration_of, scores_from_values
 from utils.cli import SettingsError, images_per_epoch, parse_settings, stage_paths
-from utils.files import write_json_atomic
+from utils.files import read_json, write_json_atomic
 from utils.ratings import read_rating_order, update_rating_order
 from utils.reward_files import reward_model_metadata
 from utils.samples import ROUND_FILE, round_images
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-MARKER = ".almostperfect_demo"  # a folder holding this is the demo's own, safe to clear on a rerun
+MARKER = ".almostperfect_demo"  # in a demo folder: the files the demo made there, which a rerun removes
 ROUNDS = 2
 POLICY_EPOCHS_PER_ROUND = 5
 REQUIRED_RISE = 0.5  # in standard deviations of the first round's scores
@@ -61,22 +62,65 @@ def demo_settings(folder):
     return {**stage_paths(folder, os.path.join(folder, "checkpoint")), **DEMO_SETTINGS}
 
 
+def _entries(folder):
+    """Relative paths of every file, link and folder under `folder`, but the marker."""
+    found = set()
+    for root, folders, files in os.walk(folder):
+        found.update(os.path.relpath(os.path.join(root, name), folder) for name in folders + files)
+    return found - {MARKER}
+
+
+def _is_inside(relative_path):
+    """Whether a path listed in the marker names something inside the folder (a hand-edited marker cannot
+    make the demo delete anything outside it)."""
+    path = os.path.normpath(relative_path)  # TypeError if it is not a path
+    return not os.path.isabs(path) and path != "." and path.split(os.sep)[0] != ".."
+
+
 def prepare_folder(folder):
-    """An empty demo folder: a previous demo run's is cleared, any other non-empty folder is refused."""
+    """The demo folder with nothing of an earlier demo run in it: what that run listed in MARKER as its own is
+    removed, anything else (a person's files) stays. A non-empty folder without the marker is refused.
+
+    Returns record_made(), which lists in MARKER everything that appeared in the folder since: the demo's own.
+    """
+    marker = os.path.join(folder, MARKER)
     if os.path.isdir(folder) and os.listdir(folder):
-        if not os.path.isfile(os.path.join(folder, MARKER)):
+        if not os.path.isfile(marker):
             raise SystemExit(f"error: {folder} exists and is not a demo folder; move it or pick another.")
-        shutil.rmtree(folder)
-    os.makedirs(folder)
-    open(os.path.join(folder, MARKER), "w").close()
+        try:
+            made = [path for path in read_json(marker)["made"] if _is_inside(path)]
+        except (OSError, ValueError, TypeError, KeyError):
+            raise SystemExit(f"error: {marker} does not list the demo's files (an older demo.py made {folder}); "
+                             "move that folder away or delete it yourself.") from None
+        for path in sorted(made, key=lambda p: p.count(os.sep), reverse=True):  # a folder's files before it
+            full = os.path.join(folder, path)
+            if os.path.isdir(full) and not os.path.islink(full):
+                with contextlib.suppress(OSError):  # not empty: it holds a person's files
+                    os.rmdir(full)
+            elif os.path.lexists(full):
+                os.unlink(full)
+    os.makedirs(folder, exist_ok=True)
+    theirs = _entries(folder)
+
+    def record_made():
+        write_json_atomic(marker, {"made": sorted(_entries(folder) - theirs)})
+
+    record_made()
+    return record_made
 
 
-def run_script(script, settings, extra_args=()):
-    """Run a stage script as a user would (its output goes to the console); returns its seconds."""
+def run_script(script, settings, extra_args=(), record_made=lambda: None):
+    """Run a stage script as a user would (its output goes to the console); returns its seconds.
+
+    `record_made` (prepare_folder's) lists what the stage wrote as the demo's, even if it fails or is interrupted.
+    """
     args = [f"--{name}={value}" for name, value in settings.items()] + list(extra_args)
     print(f"\n$ python {script} {' '.join(args)}", flush=True)
     started = time.perf_counter()
-    subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, check=True)
+    try:
+        subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, check=True)
+    finally:
+        record_made()
     return time.perf_counter() - started
 
 
@@ -127,11 +171,12 @@ def run_demo(folder, rounds=ROUNDS, epochs_per_round=POLICY_EPOCHS_PER_ROUND, ex
     started = time.perf_counter()
     settings = demo_settings(folder)
     stage_settings = parse_settings([f"--{name}={value}" for name, value in settings.items()] + list(extra_args))
-    prepare_folder(folder)
+    record_made = prepare_folder(folder)
     build_tiny_checkpoint(settings["checkpoint_path"])
+    record_made()
     calibration, measured = None, []
     for round_number in range(1, rounds + 2):  # the last generation only measures the final LoRA
-        seconds = {"generate": run_script("generate.py", settings, extra_args)}
+        seconds = {"generate": run_script("generate.py", settings, extra_args, record_made)}
         values, scores, seeds, rated = rate(settings, calibration, ratings_per_round)
         if calibration is None:
             calibration = calibration_of(values)
@@ -144,11 +189,12 @@ def run_demo(folder, rounds=ROUNDS, epochs_per_round=POLICY_EPOCHS_PER_ROUND, ex
                   "score_std": score_std,
                   "seeds_trained_on": len(set(seeds) & policy_seeds(stage_settings, epochs_before))}
         if round_number <= rounds:
-            seconds["train_reward"] = run_script("train_reward.py", settings, extra_args)
+            seconds["train_reward"] = run_script("train_reward.py", settings, extra_args, record_made)
             metadata = reward_model_metadata(settings["reward_model_path"])
             record["reward_model_test_pearson"] = metadata.get("test_pearson")
             seconds["train_policy"] = run_script(
-                "train_policy.py", {**settings, "train_policy_num_epochs": round_number * epochs_per_round}, extra_args)
+                "train_policy.py", {**settings, "train_policy_num_epochs": round_number * epochs_per_round}, extra_args,
+                record_made)
         record["seconds"] = seconds
         measured.append(record)
 
@@ -162,6 +208,7 @@ def run_demo(folder, rounds=ROUNDS, epochs_per_round=POLICY_EPOCHS_PER_ROUND, ex
     summary["learned"] = summary["rise_in_first_round_std"] >= REQUIRED_RISE
     summary["ratings_used"] = sum(r["ratings"] for r in measured[:rounds])
     write_json_atomic(os.path.join(folder, "summary.json"), summary)
+    record_made()
     return summary
 
 

@@ -8,7 +8,8 @@ Reads   models/checkpoint/ (SD1.x or SDXL: a diffusers folder, or the checkpoint
 Writes  samples/<seed>.png with WebUI-style `parameters`, samples/latents/<seed>.safetensors (the final
         latent, so no stage re-encodes PNGs), samples/round.json (the round's settings and seeds).
 An interrupted run resumes: run it again and only the missing images are made. A new round (other
-settings or LoRA, or the current one already rated) first moves the old one to samples/history/.
+settings or LoRA, or the current one already rated) first moves the old one to samples/history/: its images,
+latents, round.json and ratings, nothing else of the folder (utils/samples.py round_entries).
 While it runs, samples/.lock keeps other generate runs and the rating page off the folder.
 """
 
@@ -97,7 +98,9 @@ def same_round(recorded, parameters):
 def plan_round(settings, parameters):
     """Start or resume the round in sample_path, its seeds in round.json. Moves an earlier round to history/."""
     folder = settings.sample_path
-    finish_interrupted_archive(folder)  # before looking at round.json: it may belong to that half-moved round
+    rating_files = [os.path.basename(settings.score_path), os.path.basename(settings.comparison_path)]
+    # before looking at round.json: it may belong to that half-moved round
+    finish_interrupted_archive(folder, rating_files)
     round_path = os.path.join(folder, ROUND_FILE)
     current = read_round(round_path)
     rated = any(os.path.exists(path) for path in (settings.score_path, settings.comparison_path))
@@ -105,7 +108,7 @@ def plan_round(settings, parameters):
     if resumable:
         current["parameters"] = parameters  # a round recorded without the checkpoint's hash gains it
     else:
-        moved = archive_round(folder)
+        moved = archive_round(folder, rating_files)
         if moved:
             print(f"moved the earlier round to {moved}/")
         current = {"parameters": parameters, "seeds": []}

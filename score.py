@@ -365,7 +365,8 @@ def make_server(settings):
     server.folder_lock = FolderLock(settings.sample_path, "score")
     try:
         server.folder_lock.acquire()
-        finish_interrupted_archive(settings.sample_path)
+        finish_interrupted_archive(settings.sample_path, [os.path.basename(settings.score_path),
+                                                          os.path.basename(settings.comparison_path)])
         server.rating_round = RatingRound(settings.sample_path, settings.score_path, settings.comparison_path)
     except BaseException:
         server.server_close()

@@ -37,13 +37,13 @@ from ddpo.training_calls import fit_training_calls, training_call_candidates
 from utils.checkpoint import model_family
 from utils.cli import images_per_epoch, run_stage, seed_list, trained_timesteps, validate_settings
 from utils.errors import UserError
-from utils.files import writing
+from utils.files import crash_point
 from utils.locks import folder_lock
-from utils.lora_files import epoch_files, lora_metadata, save_lora, save_lora_card
+from utils.lora_files import check_names_fit, epoch_files, lora_metadata, save_lora, save_lora_card
 from utils.metrics import append_jsonl, contact_sheet, plot_curves, read_jsonl
 from utils.pipeline import decode_latents, load_pipeline, text_encoders
 from utils.reward_files import check_family, load_reward_model
-from utils.run_state import STATE_FILE, lora_is_finite, resume_training, save_run_state
+from utils.run_state import STATE_FILE, lora_is_finite, resume_training, save_run_state, save_state_file
 
 USED_SETTINGS = ["checkpoint_path", "checkpoint_config", "reward_model_path", "lora_path", "lora_name_prefix",
                  "lora_rank", "device", "attention_backend", "prompt", "negative_prompt", "height", "width",
@@ -234,8 +234,7 @@ def save_epoch(settings, epoch, pipeline, sampler, optimizer, reward_model, seed
     """The epoch's files, the diffusers LoRA last: resume and generate find an epoch by it, so a save
     that a kill interrupts is not taken for complete (and the next run writes it again)."""
     files = epoch_files(settings.lora_path, epoch, settings.lora_name_prefix)
-    with writing(files["optimizer"]) as temp_path:
-        torch.save(optimizer.state_dict(), temp_path)
+    save_state_file(optimizer.state_dict(), files["optimizer"])
     written = [files["optimizer"]]
     if seeds_to_preview:
         lora_images = save_preview(files["preview"], pipeline, sampler, reward_model, seeds_to_preview, epoch,
@@ -251,6 +250,7 @@ def main(settings):
     # Processes and devices only: precision is ddpo/precision.py's, whatever an accelerate config says
     accelerator = Accelerator(mixed_precision="no", cpu=not use_cuda)
     validate_settings(settings, accelerator.num_processes)
+    check_names_fit(settings.lora_path, settings.lora_name_prefix, settings.train_policy_num_epochs)
     os.makedirs(settings.lora_path, exist_ok=True)
     # one run per outputs folder (the main process speaks for all of an accelerate launch's processes)
     with folder_lock(settings.lora_path, "train_policy") if accelerator.is_main_process else nullcontext():
@@ -267,7 +267,8 @@ def train(settings, accelerator):
     # ---------------------------------------------------------------- MODELS
     # Frozen weights in the half dtype (half the memory), LoRA in fp32, autocast around every UNet call.
     pipeline, conditioning = load_models(settings, settings.checkpoint_path, device, precision.weights_dtype)
-    check_family(settings.reward_model_path, model_family(pipeline), "the latents of checkpoint_path's model")
+    family = model_family(pipeline)
+    check_family(settings.reward_model_path, family, "the latents of checkpoint_path's model")
     unet = pipeline.unet
     if settings.attention_backend == "xformers":
         try:
@@ -278,10 +279,13 @@ def train(settings, accelerator):
     optimizer = torch.optim.AdamW(lora_parameters, lr=settings.train_policy_learning_rate)
 
     files = run_files(settings)
-    first_epoch = resume_training(settings.lora_path, settings.lora_name_prefix, unet, optimizer, precision,
-                                  files["metrics"], accelerator.print)
+    first_epoch, from_state = resume_training(settings.lora_path, settings.lora_name_prefix, unet, optimizer,
+                                              precision, files["metrics"], accelerator.print, family)
     for group in optimizer.param_groups:  # a loaded optimizer state brings the saved run's learning rate
         group["lr"] = settings.train_policy_learning_rate
+    if accelerator.is_main_process and not from_state and first_epoch <= settings.train_policy_num_epochs:
+        # so that a kill before the first epoch's end finds the metrics lines as they were now
+        save_run_state(files["state"], first_epoch - 1, unet, optimizer, precision, files["metrics"], family)
     unet = accelerator.prepare(unet)
     # Sampling needs no gradient sync between processes: it calls the unwrapped UNet.
     sampler = Denoiser(accelerator.unwrap_model(unet), pipeline.scheduler, guidance_scale=settings.guidance_scale,
@@ -327,12 +331,13 @@ def train(settings, accelerator):
                 raise UserError(f"the LoRA's weights are not finite after epoch {epoch}; nothing of this epoch was "
                                 f"saved. Lower train_policy_learning_rate or set mixed_precision=no, then rerun.")
             append_jsonl(files["metrics"], metrics)
+            crash_point("train_policy.metrics_written")
             plot_curves(files["plot"], read_jsonl(files["metrics"]), "epoch",
                         [("reward of the epoch's images", [("reward_mean", "reward_std")]), ("PPO loss", ["loss"]),
                          ("seconds", ["sampling_seconds", "training_seconds"]),
                          ("share of clipped ratios", ["clipfrac"]), ("approx. KL to the sampling policy", ["approx_kl"])],
                         f"DDPO: {settings.prompt}")
-            save_run_state(files["state"], epoch, sampler.unet, optimizer, precision, files["metrics"])
+            save_run_state(files["state"], epoch, sampler.unet, optimizer, precision, files["metrics"], family)
         accelerator.print(
             f"epoch {epoch}: reward {metrics['reward_mean']:.4f} ± {metrics['reward_std']:.4f}, "
             f"loss {stats['loss']:.4g}, clipfrac {stats['clipfrac']:.3f}, kl {stats['approx_kl']:.2e}, "

@@ -13,6 +13,8 @@ Writes  models/reward_model.safetensors (the epoch with the best test loss, or t
         (their curves) and samples/rating_order.json (the ensemble's prediction and doubt for each image
         of the current round, which the rating page orders by; ddpo/rating_order.py).
 
+While it runs, models/.lock keeps a second train_reward (or --rank_folder run) off the folder.
+
 The training itself (losses, split, loop, best epoch) is ddpo/reward_training.py, which
 tools/benchmark_ratings.py runs too.
 
@@ -36,6 +38,7 @@ from utils.checkpoint import FAMILY_NAMES, model_family
 from utils.cli import follows_recipe, run_stage
 from utils.errors import UserError
 from utils.files import write_json_atomic
+from utils.locks import folder_lock
 from utils.metrics import append_jsonl, contact_sheet, plot_curves, read_jsonl
 from utils.pipeline import load_pipeline
 from utils.ratings import order_round, read_round_ratings
@@ -204,6 +207,12 @@ def short_name(name, length=18):
 
 
 def main(settings):
+    # one run per models folder: two would write the same reward model and metrics
+    with folder_lock(settings.model_path, "train_reward"):
+        train(settings)
+
+
+def train(settings):
     device = torch.device(settings.device)
     if settings.rank_folder:
         return rank_folder(settings, device)

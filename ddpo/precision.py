@@ -86,8 +86,13 @@ class MixedPrecision:
         return result
 
     def state_dict(self):
-        return {"loss_scale": self.loss_scale, "clean_minibatches": self.clean_minibatches}
+        return {"name": self.name, "loss_scale": self.loss_scale, "clean_minibatches": self.clean_minibatches}
 
     def load_state_dict(self, state):
-        if self.name == "fp16" and state and math.isfinite(state.get("loss_scale", math.nan)):
+        """Take over a saved fp16 run's loss scale; a state saved in another precision (whose scale is 1) is
+        not fp16's, and fp16 then starts at its initial scale. A state from before names were saved is told by
+        its scale: fp16 scales start at 2**16 and are powers of two, a scale of 1 comes from bf16 or fp32."""
+        if not state or self.name != "fp16" or not math.isfinite(state.get("loss_scale", math.nan)):
+            return
+        if state.get("name", "fp16" if state["loss_scale"] != 1.0 else "no") == "fp16":
             self.loss_scale, self.clean_minibatches = state["loss_scale"], state["clean_minibatches"]

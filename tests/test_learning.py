@@ -75,7 +75,8 @@ def test_the_demo_clears_only_a_folder_of_its_own(tmp_path):
         demo.prepare_folder(str(theirs))
     assert (theirs / "ratings.json").is_file()
     ours = tmp_path / "ours"
-    demo.prepare_folder(str(ours))
+    record_made = demo.prepare_folder(str(ours))
     (ours / "old.png").write_bytes(b"")
+    record_made()  # as the demo lists what its stages wrote
     demo.prepare_folder(str(ours))
     assert os.listdir(ours) == [demo.MARKER]

@@ -6,17 +6,20 @@ checking them against each other and `--help` are here, so config.py stays a pag
 
 import difflib
 import errno
+import importlib
 import math
 import os
 import sys
-from types import SimpleNamespace
+import traceback
+from types import ModuleType, SimpleNamespace
 
 import torch
 from tqdm.auto import tqdm
 
-import config
 from ddpo.errors import TrainingDoesNotFit
 from utils.errors import UserError
+from utils.locks import LOCK_NAME
+from utils.samples import HISTORY, LATENTS, RATING_ORDER_FILE, ROUND_FILE, is_image_name
 
 
 class SettingsError(UserError, ValueError):
@@ -26,6 +29,7 @@ class SettingsError(UserError, ValueError):
 MIN_IMAGE_SIZE = 64  # pixels: the reward CNN's three poolings need latents of at least 8x8
 SCHEDULER_TRAINING_STEPS = 1000  # SD1.5's DDIM scheduler has 1000 noise levels; more steps than that repeat none
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # no room on the disk, over the quota, over the size limit
+ROUND_OWN_NAMES = {HISTORY, LATENTS, ROUND_FILE, RATING_ORDER_FILE, LOCK_NAME}  # in sample_path, besides <seed>.png
 BOOL_OR_AUTO = {"train_gradient_checkpointing"}  # True, False or "auto"
 # Settings that name a file or folder: a leading ~ is the user's home, as in a shell (config.py and the
 # command line alike; a quoted "--checkpoint_path=~/models/x.safetensors" reaches us unexpanded).
@@ -42,9 +46,72 @@ REWARD_RECIPES = {
 }
 
 
+# The type of each setting's value, which config.py's values must have too: config.py is edited by hand, and a
+# "32" for 32 would otherwise surface as a TypeError deep inside a stage. Settings not listed take any type.
+INTEGERS = {"lora_rank", "generate_sample_size", "generate_batch_size", "height", "width", "num_inference_steps",
+            "score_port", "train_reward_num_epochs", "train_reward_batch_size", "train_reward_ensemble_size",
+            "train_policy_num_epochs", "train_save_freq", "train_sample_batch_size",
+            "train_sample_num_batches_per_epoch", "train_policy_batch_size", "train_optimizer_steps_per_epoch",
+            "train_timesteps_per_call", "seed"}
+NUMBERS = {"guidance_scale", "eta", "train_reward_test_split_ratio", "train_reward_learning_rate",
+           "train_reward_min_correlation", "train_policy_learning_rate", "train_adv_clip_max", "train_clip_range",
+           "train_timestep_fraction"}
+BOOLEANS = {"generate_vae_slicing", "generate_vae_tiling", "score_open_browser", "train_reward_use_history",
+            "train_reward_flip_augment", "train_offload_frozen", "train_compile"}
+TEXTS = {"sample_path", "score_path", "comparison_path", "model_path", "checkpoint_path", "checkpoint_config",
+         "reward_model_path", "lora_path", "lora_name_prefix", "device", "mixed_precision", "attention_backend",
+         "generate_lora", "prompt", "prompt_file", "negative_prompt", "score_host", "train_reward_loss", "rank_folder",
+         "train_preview_seeds"}
+
+
+def _config():
+    """The config module; a config.py that Python cannot run (a typo, bytes that are not UTF-8) is one sentence."""
+    try:
+        return importlib.import_module("config")
+    except Exception as error:  # SyntaxError, NameError, ...: whatever the edit broke
+        frames = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
+                  if os.path.basename(frame.filename) == "config.py"]
+        line = getattr(error, "lineno", None) if isinstance(error, SyntaxError) else (frames or [None])[-1]
+        where, why = f" on line {line}" if line else "", getattr(error, "msg", None) or error
+        raise SettingsError(f"config.py cannot be read ({type(error).__name__}{where}: {why}): fix that line, "
+                            "or restore config.py from git.") from None
+
+
 def defaults():
     """{name: value} of every setting in config.py, read now so that edits made by importers count."""
-    return {k: v for k, v in vars(config).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
+    values = {k: v for k, v in vars(_config()).items()
+              if not k.startswith("_") and not callable(v) and not isinstance(v, ModuleType)}
+    check_config_types(values)
+    return values
+
+
+def _type_problem(name, value):
+    """What is wrong with `value` as the setting `name`'s value, or None (an int where a number goes is fine)."""
+    if name in INTEGERS and (type(value) is not int):
+        return "a whole number"
+    if name in NUMBERS and (type(value) not in (int, float)):
+        return "a number"
+    if name in BOOLEANS and type(value) is not bool:
+        return "True or False"
+    if name in BOOL_OR_AUTO and not (type(value) is bool or value == "auto"):
+        return 'True, False or "auto"'
+    if name in TEXTS and not isinstance(value, str):
+        return "text in quotes"
+    return None
+
+
+def check_config_types(values):
+    """config.py's own values against each setting's type, and none of them missing: one sentence naming
+    config.py and the setting."""
+    for name in sorted(INTEGERS | NUMBERS | BOOLEANS | BOOL_OR_AUTO | TEXTS):
+        if name not in values:
+            raise SettingsError(f"config.py has no setting {name}: put back its line (see config.py in git).")
+        problem = _type_problem(name, values[name])
+        if problem:
+            raise SettingsError(f"config.py sets {name} = {values[name]!r}, which is not {problem}: fix that line "
+                                "of config.py.")
+        if name in NUMBERS:
+            values[name] = float(values[name])
 
 
 def _parse_bool(name, text):
@@ -157,6 +224,15 @@ def stage_paths(folder, checkpoint=None):
     }
 
 
+def _is_utf8(text):
+    """Whether `text` is valid Unicode: bytes of the command line that are not UTF-8 arrive as lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def seed_list(text, name):
     """[int, ...] from "0,1,2,3" ("" = none); SettingsError naming the setting otherwise."""
     try:
@@ -182,6 +258,9 @@ def validate_settings(s, num_processes=1):
     for name, value in vars(s).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise SettingsError(f"{name} must be a finite number (got {value}).")
+        if isinstance(value, str) and not _is_utf8(value):
+            raise SettingsError(f"{name} is not valid UTF-8 text ({value.encode('utf-8', 'surrogateescape')!r}): "
+                                "write it in UTF-8 (your terminal's or editor's encoding setting).")
     if s.eta <= 0:
         raise SettingsError(f"eta must be > 0 (got {s.eta}): with eta = 0 DDIM is deterministic and DDPO's "
                             "log-probabilities are undefined.")
@@ -199,11 +278,7 @@ def validate_settings(s, num_processes=1):
     if s.seed < 0:
         raise SettingsError(f"seed must be 0 or more (got {s.seed}).")
     seed_list(s.train_preview_seeds, "train_preview_seeds")
-    score_folder = os.path.dirname(os.path.abspath(s.score_path))
-    if os.path.realpath(score_folder) != os.path.realpath(s.sample_path):
-        raise SettingsError(
-            f"score_path {s.score_path!r} must be a file directly in sample_path {s.sample_path!r}: a round's ratings "
-            f"move to history/ with its images, and a scores.json elsewhere would be left behind.")
+    check_folder_layout(s)
     for name in ("generate_sample_size", "generate_batch_size", "num_inference_steps", "train_reward_num_epochs",
                  "train_reward_batch_size", "train_reward_ensemble_size", "train_policy_num_epochs", "train_save_freq",
                  "train_sample_batch_size",
@@ -247,6 +322,48 @@ def validate_settings(s, num_processes=1):
     if s.device.startswith("cuda") and not torch.cuda.is_available():
         raise SettingsError(f"device is {s.device!r} but PyTorch sees no CUDA GPU; use --device=cpu or install a "
                             "CUDA build of torch.")
+
+
+def _real(path):
+    return os.path.realpath(os.path.expanduser(path))
+
+
+def _inside(path, folder):
+    """Whether `path` is `folder` or lies anywhere below it (links resolved)."""
+    return os.path.commonpath([_real(path), _real(folder)]) == _real(folder)
+
+
+def check_folder_layout(s):
+    """Refuse layouts in which a stage would move, overwrite or lose what another stage or the person keeps.
+
+    The stages' folders (sample_path, model_path, lora_path) and the checkpoint lie apart: generate moves
+    a round out of sample_path, and a folder inside another would be taken for part of it. The one nesting
+    allowed is the default's, the checkpoint in model_path (train_reward writes only its own files there).
+    The ratings lie directly in sample_path, so that they move to history/ with their round, under names of
+    their own.
+    """
+    folders = ("sample_path", "model_path", "lora_path")
+    for index, name in enumerate(folders):
+        for other in folders[index + 1:]:
+            if _inside(getattr(s, name), getattr(s, other)) or _inside(getattr(s, other), getattr(s, name)):
+                raise SettingsError(f"{name} {getattr(s, name)!r} and {other} {getattr(s, other)!r} overlap (one is "
+                                    f"in the other): each stage needs a folder of its own; give them separate folders.")
+        folder = getattr(s, name)
+        if _inside(folder, s.checkpoint_path) or (name != "model_path" and _inside(s.checkpoint_path, folder)):
+            raise SettingsError(f"checkpoint_path {s.checkpoint_path!r} and {name} {folder!r} overlap (one is in the "
+                                f"other): keep the checkpoint out of the stages' folders (model_path may hold it).")
+    for name in ("score_path", "comparison_path"):
+        path = getattr(s, name)
+        if _real(os.path.dirname(os.path.abspath(path))) != _real(s.sample_path):
+            raise SettingsError(
+                f"{name} {path!r} must be a file directly in sample_path {s.sample_path!r}: a round's ratings "
+                f"move to history/ with its images, and ratings elsewhere would be left behind.")
+        if os.path.basename(path) in ROUND_OWN_NAMES or is_image_name(os.path.basename(path)):
+            raise SettingsError(f"{name} {path!r} has the name of a file or folder the round keeps in sample_path "
+                                f"({', '.join(sorted(ROUND_OWN_NAMES))}, <seed>.png): give it another name.")
+    if _real(s.score_path) == _real(s.comparison_path):
+        raise SettingsError(f"score_path and comparison_path are the same file {s.score_path!r}: the one would "
+                            "overwrite the other; give them different names.")
 
 
 def print_help(values, used):

@@ -25,28 +25,39 @@ def replace_atomically(temp_path, path):
     os.replace(temp_path, path)
 
 
+def said_of(path, error, temp_path=None):
+    """`error` as the user should read it: about `path`, their file, not the temp file it was written as.
+
+    An OSError without a file name (a full disk shows up in write(), which names no file) or naming the
+    temp file gets `path`, so that run_stage's sentence says which file could not be written; so does
+    the system error inside a library's own exception (safetensors: "I/O error: ... (os error 28)").
+    Returns the error to raise.
+    """
+    if isinstance(error, OSError):
+        if error.filename is None or (temp_path and os.fspath(error.filename) == os.fspath(temp_path)):
+            error.filename = path
+            if error.filename2 is not None and os.fspath(error.filename2) == os.fspath(path):
+                error.filename2 = None  # a rename of the temp file over `path`: one file to name
+        return error
+    system_error = _OS_ERROR.search(str(error))
+    if system_error:
+        number = int(system_error.group(1))
+        return OSError(number, os.strerror(number), path)
+    return error
+
+
 @contextlib.contextmanager
 def writing(path):
-    """Around writing `temp path` (yielded) that is then renamed over `path`; on failure the temp file goes.
-
-    An OSError without a file name (a full disk shows up in write(), which names no file) gets
-    `path`, so that run_stage's sentence can say which file could not be written; so does the
-    system error inside a library's own exception (safetensors: "I/O error: ... (os error 28)").
-    """
+    """Around writing `temp path` (yielded) that is then renamed over `path`; on failure the temp file goes,
+    and the error names `path` (said_of)."""
     temp_path = f"{path}.tmp"
     try:
         yield temp_path
         replace_atomically(temp_path, path)
     except BaseException as error:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError, NotADirectoryError):
             os.unlink(temp_path)
-        if isinstance(error, OSError) and error.filename is None:
-            error.filename = path
-        system_error = _OS_ERROR.search(str(error)) if not isinstance(error, OSError) else None
-        if system_error:
-            number = int(system_error.group(1))
-            raise OSError(number, os.strerror(number), path) from error
-        raise
+        raise said_of(path, error, temp_path)
 
 
 @contextlib.contextmanager
@@ -65,9 +76,14 @@ def write_json_atomic(path, obj):
     """Write obj as JSON so that a reader (or a crash) sees the old file or the new one, never half of one.
 
     The temporary file is in the same folder because a rename is atomic only within one file system.
+    Errors name `path` (said_of).
     """
     folder = os.path.dirname(os.path.abspath(path))
-    handle, temp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        handle, temp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    except OSError as error:  # a read-only or missing folder: mkstemp names a random temp file
+        error.filename = path
+        raise
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2)
@@ -77,9 +93,7 @@ def write_json_atomic(path, obj):
         replace_atomically(temp_path, path)
     except BaseException as error:
         os.unlink(temp_path)
-        if isinstance(error, OSError) and error.filename is None:
-            error.filename = path
-        raise
+        raise said_of(path, error, temp_path)
 
 
 def parse_json(data):

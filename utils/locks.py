@@ -39,7 +39,20 @@ def _process_start(pid):
         return None
 
 
+def _pid_max():
+    """The largest pid this system hands out (Linux /proc), or 2**22, Linux's ceiling, where unknown."""
+    try:
+        with open("/proc/sys/kernel/pid_max") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 2**22
+
+
 def _pid_running(pid):
+    """Whether a process `pid` runs. A pid no process can have (0, negative, too large; a hand-edited or
+    foreign lock) runs nothing: os.kill would signal a process group (0, -1) or overflow."""
+    if type(pid) is not int or not 0 < pid <= _pid_max():
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -54,7 +67,7 @@ def _owner_is_alive(owner, age_s):
     if owner.get("host") != socket.gethostname():
         return age_s < OTHER_HOST_STALE_S
     pid = owner.get("pid")
-    if not isinstance(pid, int) or not _pid_running(pid):
+    if not _pid_running(pid):
         return False
     started = owner.get("process_start")
     return started is None or _process_start(pid) in (None, started)  # a reused pid is another process
@@ -72,8 +85,8 @@ class FolderLock:
         try:
             os.makedirs(self.folder, exist_ok=True)
         except OSError as error:  # a file of that name, no permission
-            raise UserError(f"cannot use {self.folder} as a folder ({error.strerror}); "
-                            "check the path setting.") from None
+            raise UserError(f"cannot use {self.folder} as a folder ({error.strerror}): check that path and its "
+                            "permissions (a file where a folder should be?).") from None
         for _ in range(3):  # a stale lock is moved aside, then the creation is tried again
             try:
                 handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -83,10 +96,15 @@ class FolderLock:
             except OSError as error:  # a read-only folder
                 raise UserError(f"cannot write the lock file {self.path} ({error.strerror}): {self.stage} needs "
                                 f"to write in {self.folder}.") from None
-            with os.fdopen(handle, "w") as f:
-                json.dump(self.owner, f)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with os.fdopen(handle, "w") as f:
+                    json.dump(self.owner, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as error:  # a full disk: the file was created, its content could not be written
+                os.unlink(self.path)
+                error.filename = self.path  # run_stage's sentence names the lock file
+                raise
             self.held = True
             return self
         raise UserError(f"cannot lock {self.folder}: {self.path} keeps coming back; another program is "

@@ -30,6 +30,26 @@ def epoch_files(folder, epoch, prefix=""):
     return {kind: os.path.join(folder, prefix + name) for kind, name in names.items()}
 
 
+def check_names_fit(folder, prefix, last_epoch):
+    """UserError when the longest name train_policy writes in `folder` (an epoch's file at `last_epoch`, as
+    writing()'s temp file) is longer than the file system allows: the run would fail at its first save,
+    after whole epochs, instead of now."""
+    names = [os.path.basename(path) + ".tmp" for path in epoch_files(folder, last_epoch, prefix).values()]
+    longest = max(names, key=len)
+    length = len(longest.encode("utf-8", "surrogateescape"))  # the limit is in bytes
+    existing = os.path.abspath(folder)
+    while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255  # what almost every file system allows
+    if length > limit:
+        raise UserError(f"lora_name_prefix is too long: with it train_policy would write {longest!r}, {length} "
+                        f"bytes, and the file system of {folder} allows names of {limit}; shorten it by "
+                        f"{length - limit} bytes or more.")
+
+
 def ui_lora_name(diffusers_path):
     """The WebUI name (`<lora:NAME:1>`) of the ui_lora file saved beside a diffusers_lora file (else its own)."""
     name = os.path.basename(diffusers_path).removesuffix(".safetensors")

@@ -42,7 +42,11 @@ def reward_model_metadata(path):
 
 def reward_model_family(path):
     """The model family whose latents the reward model learned; models saved before it was recorded: SD1.5."""
-    return reward_model_metadata(path).get("family", "sd15")
+    family = reward_model_metadata(path).get("family", "sd15")
+    if not isinstance(family, str) or family not in FAMILY_NAMES:  # JSON: could be a list, which no dict holds
+        raise _unreadable(path, f"a reward model of a model family {family!r} that is neither "
+                                f"{' nor '.join(FAMILY_NAMES)}")
+    return family
 
 
 def check_family(path, family, latents_of):

@@ -1,8 +1,12 @@
 """The samples folder: a round of images, their latents and WebUI parameters, earlier rounds in history/."""
 
+import contextlib
+import errno
+import filecmp
 import json
 import os
 import re
+import shutil
 import stat
 import time
 
@@ -11,6 +15,7 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from utils.checkpoint import FAMILY_NAMES
 from utils.errors import UserError
 from utils.files import crash_point, read_json, writing
 
@@ -22,8 +27,9 @@ _NEGATIVE = "Negative prompt:"
 LATENTS = "latents"
 HISTORY = "history"
 ROUND_FILE = "round.json"
+RATING_ORDER_FILE = "rating_order.json"  # utils/ratings.py's ORDER_FILE (which imports this module)
 _PARTIAL = re.compile(r"\.round_(\d+)\.partial")  # history/.round_NNN.partial: a round being moved there
-STAYS = {HISTORY, ".lock"}  # what archiving a round leaves in the samples folder (utils/locks.py's lock)
+_ROUND_IMAGE = re.compile(r"[0-9]+\.png")  # <seed>.png
 
 
 def lives_in(folder, name):
@@ -39,7 +45,7 @@ def lives_in(folder, name):
 
 def is_round_image(folder, name):
     """Whether `name` is one of the round's images: `<seed>.png`, a real file of `folder` (see lives_in)."""
-    return name.endswith(".png") and name[:-4].isdigit() and name[:-4].isascii() and lives_in(folder, name)
+    return is_image_name(name) and lives_in(folder, name)
 
 
 def round_images(folder):
@@ -80,9 +86,19 @@ def load_latent(path):
 
 def latent_family(path):
     """"sd15" or "sdxl": the family of the model that made a saved latent (both have 4 channels, so
-    only this tells them apart). Latents saved before families were recorded are SD1.5's."""
-    with safe_open(path, framework="pt") as f:
-        return (f.metadata() or {}).get("family", "sd15")
+    only this tells them apart). Latents saved before families were recorded are SD1.5's. UserError
+    naming the file when it records a family this program does not know, or cannot be read."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            family = (f.metadata() or {}).get("family", "sd15")
+    except (SafetensorError, OSError) as error:
+        problem = f"not a saved latent ({type(error).__name__})"
+    else:
+        if family in FAMILY_NAMES:
+            return family
+        problem = f"a latent of a model family {family!r} that is neither {' nor '.join(FAMILY_NAMES)}"
+    raise UserError(f"{path} is {problem}: move it away (the image is then VAE-encoded from its PNG) "
+                    "or remove the image's rating.")
 
 
 def history_rounds(folder):
@@ -102,40 +118,58 @@ def interrupted_archives(folder):
     return [os.path.join(history, n) for n in sorted(os.listdir(history)) if _PARTIAL.fullmatch(n)]
 
 
-def archive_round(folder):
-    """Move everything of the current round (all but history/ and the lock) to history/round_NNN/.
+def is_image_name(name):
+    """Whether `name` is named as a round's image is, `<seed>.png`."""
+    return _ROUND_IMAGE.fullmatch(name) is not None
 
-    Crash-safe: entries are renamed one by one into history/.round_NNN.partial/, which is renamed to
+
+def round_entries(folder, rating_files=()):
+    """Names in `folder` that belong to its round and move with it to history/: the images `<seed>.png`,
+    latents/, round.json, rating_order.json and the ratings (scores.json, comparisons.json and the names
+    in `rating_files`, score_path's and comparison_path's), with temp files a killed write left of them.
+    Anything else (a person's notes, another stage's folder) is not the round's and stays where it is."""
+    names = {LATENTS, ROUND_FILE, RATING_ORDER_FILE, "scores.json", "comparisons.json", *rating_files}
+
+    def owned(name):
+        base = name.removesuffix(".tmp")  # writing()'s <name>.tmp
+        json_temp = name.startswith(".") and name.endswith(".tmp") and name[1:].rsplit(".", 2)[0] in names
+        return base in names or is_image_name(base) or json_temp  # json_temp: .<name>.<random>.tmp
+
+    return sorted(name for name in os.listdir(folder) if owned(name))
+
+
+def archive_round(folder, rating_files=()):
+    """Move the current round (round_entries) to history/round_NNN/; what is not the round's stays.
+
+    Crash-safe: entries are moved one by one into history/.round_NNN.partial/, which is renamed to
     round_NNN only when complete. A crash in between leaves the .partial folder; the next call (or
     finish_interrupted_archive) moves what is left of that round into it and completes it, so rounds
-    never mix and nothing is dropped or overwritten. The caller holds the folder's lock. Returns the
-    round's folder, or None if there was nothing to move.
+    never mix and nothing is dropped or overwritten. history/ may be on another file system (a link
+    to another drive): entries are then copied, checked and only then removed (move_entry). The
+    caller holds the folder's lock. Returns the round's folder, or None if there was nothing to move.
     """
-    finish_interrupted_archive(folder)
-    if not [n for n in os.listdir(folder) if n not in STAYS]:
+    finish_interrupted_archive(folder, rating_files)
+    if not round_entries(folder, rating_files):
         return None
     number = len(history_rounds(folder)) + 1
     while os.path.exists(os.path.join(folder, HISTORY, f"round_{number:03d}")):
         number += 1
     partial = os.path.join(folder, HISTORY, f".round_{number:03d}.partial")
     os.makedirs(partial)
-    return _complete_archive(folder, partial)
+    return _complete_archive(folder, partial, rating_files)
 
 
-def finish_interrupted_archive(folder):
+def finish_interrupted_archive(folder, rating_files=()):
     """Complete a move to history/ that a crash interrupted (see archive_round); returns the rounds completed."""
-    done = [_complete_archive(folder, partial) for partial in interrupted_archives(folder)]
+    done = [_complete_archive(folder, partial, rating_files) for partial in interrupted_archives(folder)]
     for target in done:
         print(f"finished moving an interrupted round to {target}/")
     return done
 
 
-def _complete_archive(folder, partial):
-    for name in sorted(n for n in os.listdir(folder) if n not in STAYS):
-        target = os.path.join(partial, name)
-        if os.path.lexists(target):  # never overwrite: keep both
-            target = f"{target}.conflict-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.rename(os.path.join(folder, name), target)  # within one file system: atomic, no copying
+def _complete_archive(folder, partial, rating_files):
+    for name in round_entries(folder, rating_files):
+        move_entry(os.path.join(folder, name), os.path.join(partial, name))
         crash_point("archive_round.moved_one")
     crash_point("archive_round.all_moved")
     number = int(_PARTIAL.fullmatch(os.path.basename(partial)).group(1))
@@ -144,6 +178,63 @@ def _complete_archive(folder, partial):
     final = os.path.join(folder, HISTORY, f"round_{number:03d}")
     os.rename(partial, final)
     return final
+
+
+def move_entry(source, target):
+    """Move a file, link or folder to `target`, never overwriting: a different `target` already there keeps
+    both (the source gets a .conflict-<time> name).
+
+    A rename when both are on one file system (atomic, no copying). Across file systems (EXDEV) a file is
+    copied to `target`.copying, compared byte for byte, renamed to `target` and only then removed, and a
+    folder is moved entry by entry: at every moment each file is whole in one place at least. A rerun after
+    a crash finds the copy and the source both there, equal, and only removes the source.
+    """
+    if os.path.lexists(target) and not (_is_folder(source) and _is_folder(target)):  # folders merge
+        if _same_entry(source, target):
+            os.unlink(source)  # copied before a crash, not yet removed
+            return
+        target = f"{target}.conflict-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not os.path.lexists(target):
+        try:
+            os.rename(source, target)
+            return
+        except OSError as error:
+            if error.errno != errno.EXDEV:
+                raise
+    if _is_folder(source):
+        os.makedirs(target, exist_ok=True)
+        for name in sorted(os.listdir(source)):
+            move_entry(os.path.join(source, name), os.path.join(target, name))
+        os.rmdir(source)
+        return
+    _copy_then_remove(source, target)
+
+
+def _is_folder(path):
+    return os.path.isdir(path) and not os.path.islink(path)
+
+
+def _copy_then_remove(source, target):
+    copying = f"{target}.copying"
+    if os.path.islink(source):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(copying)
+        os.symlink(os.readlink(source), copying)
+    else:
+        shutil.copy2(source, copying)
+        with open(copying, "rb") as f:
+            os.fsync(f.fileno())  # on the other drive before the source goes
+        if not filecmp.cmp(source, copying, shallow=False):
+            raise OSError(errno.EIO, "the copy differs from the original", copying)
+    os.replace(copying, target)  # both in target's folder: one file system
+    crash_point("archive_round.copied_one")
+    os.unlink(source)
+
+
+def _same_entry(source, target):
+    if os.path.islink(source) or os.path.islink(target):
+        return os.path.islink(source) and os.path.islink(target) and os.readlink(source) == os.readlink(target)
+    return os.path.isfile(source) and os.path.isfile(target) and filecmp.cmp(source, target, shallow=False)
 
 
 def webui_parameters(prompt, negative_prompt, steps, guidance_scale, seed, width, height, eta, model, lora_name,
