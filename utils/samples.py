@@ -204,7 +204,9 @@ def round_prompts(folder):
     try:
         with open(os.path.join(folder, ROUND_FILE), encoding="utf-8") as f:
             current = json.load(f)
-        seeds, prompts, prompt = current["seeds"], current.get("prompts", {}), current["parameters"]["prompt"]
-        return {f"{seed}.png": str(prompts.get(str(seed), prompt)) for seed in seeds}
+        # a round made from a prompt_file has the file's lines in its parameters instead of a "prompt"
+        seeds, prompts, prompt = current["seeds"], current.get("prompts", {}), current["parameters"].get("prompt")
+        return {f"{seed}.png": str(prompts.get(str(seed), prompt)) for seed in seeds
+                if str(seed) in prompts or prompt is not None}
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return {}
