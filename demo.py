@@ -1,6 +1,7 @@
 """The whole loop on a tiny model, rated by a script that likes bright images: no download, no GPU.
 
     python demo.py [--name=value ...]      (settings are passed on to every stage, e.g. --device=cpu)
+    python demo.py --prompt_file=docs/example-prompts.txt      (the loop on a list of prompts, docs/prompt-sets.md)
 
 Builds a tiny SD1.5-shaped checkpoint (tools/tiny_checkpoint.py) in demo/checkpoint, then runs the
 real stage scripts for two rounds, as you would, with a scripted rater in your place:
@@ -30,8 +31,10 @@ import sys
 import time
 
 from tools.scripted_rater import brightness_values, calibration_of, scores_from_values
-from utils.cli import SettingsError, images_per_epoch, parse_settings, stage_paths
+from utils.cli import images_per_epoch, parse_settings, stage_paths
+from utils.errors import UserError
 from utils.files import read_json, write_json_atomic
+from utils.prompts import prompt_lines
 from utils.ratings import read_rating_order, update_rating_order
 from utils.reward_files import reward_model_metadata
 from utils.samples import ROUND_FILE, round_images
@@ -238,11 +241,17 @@ def print_summary(summary, folder):
           f"{folder}/samples/ and its history/; all figures in {folder}/summary.json")
 
 
+def absolute_prompt_file(arg):
+    """--prompt_file=path relative to where the demo was started, since the stages run in the repository."""
+    name, _, path = arg.partition("=")
+    return f"{name}={os.path.abspath(path)}" if name == "--prompt_file" and path else arg
+
+
 def main():
-    extra_args = sys.argv[1:]
-    try:
-        parse_settings(extra_args)  # a mistyped setting fails here, before the demo folder is touched
-    except SettingsError as error:
+    extra_args = [absolute_prompt_file(arg) for arg in sys.argv[1:]]
+    try:  # a mistyped setting or a bad prompt file fails here, before the demo folder is touched
+        prompt_lines(parse_settings(extra_args))
+    except UserError as error:
         raise SystemExit(f"error: {error}") from None
     folder = os.path.join(ROOT, "demo")
     summary = run_demo(folder, extra_args=extra_args)

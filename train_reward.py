@@ -43,7 +43,15 @@ from utils.metrics import append_jsonl, contact_sheet, plot_curves, read_jsonl
 from utils.pipeline import load_pipeline
 from utils.ratings import order_round, read_round_ratings
 from utils.reward_files import check_family, load_reward_model, reward_model_metadata, save_reward_model
-from utils.samples import history_rounds, interrupted_archives, latent_family, latent_file, lives_in, load_latent
+from utils.samples import (
+    history_rounds,
+    interrupted_archives,
+    latent_family,
+    latent_file,
+    lives_in,
+    load_latent,
+    round_prompts,
+)
 
 USED_SETTINGS = ["sample_path", "score_path", "comparison_path", "model_path", "reward_model_path", "checkpoint_path",
                  "checkpoint_config", "device", "train_reward_recipe",
@@ -75,9 +83,10 @@ def rated_rounds(settings):
 
 def load_ratings(settings, device):
     """(model family, Ratings (ddpo/reward_training.py)) of every scored or compared image found of the
-    majority's size and family; missing images are counted."""
+    majority's size and family; missing images are counted. Each score's group is its image's prompt
+    (utils/samples.round_prompts, over all rounds), within which the ranking loss pairs scores."""
     latents, families, index, unencoded, missing = [], [], {}, [], 0
-    scored, scores, pairs, outcomes = [], [], [], []
+    scored, scores, pairs, outcomes, groups, group_of_prompt = [], [], [], [], [], {}
 
     def latent_index(folder, name):
         """Where the image's latent is in `latents` (None if the image is gone); each image is loaded once."""
@@ -105,11 +114,13 @@ def load_ratings(settings, device):
         rounds = rounds[1:]  # the current round is not rated yet; learn from the rated history
     for folder, score_file, comparison_file in rounds:
         round_scores, round_comparisons = read_round_ratings(score_file, comparison_file)
+        prompts = round_prompts(folder)
         for name, score in round_scores.items():
             i = latent_index(folder, name)
             if i is not None:
                 scored.append(i)
                 scores.append(float(score))
+                groups.append(group_of_prompt.setdefault(prompts.get(name), len(group_of_prompt)))
         for comparison in round_comparisons:
             a, b = latent_index(folder, comparison["a"]), latent_index(folder, comparison["b"])
             if a is not None and b is not None:
@@ -130,17 +141,18 @@ def load_ratings(settings, device):
                         f"{MIN_LATENT_SIZE}x{MIN_LATENT_SIZE} (images of {MIN_LATENT_SIZE * 8} px): "
                         "generate and rate larger images.")
     new_index = {i: n for n, i in enumerate(i for i, kind in enumerate(kinds) if kind == common)}
-    kept_scores = [(new_index[i], s) for i, s in zip(scored, scores) if i in new_index]
+    kept_scores = [(new_index[i], s, g) for i, s, g in zip(scored, scores, groups) if i in new_index]
     kept_pairs = [((new_index[a], new_index[b]), o) for (a, b), o in zip(pairs, outcomes)
                   if a in new_index and b in new_index]
     if len(kept_scores) + len(kept_pairs) < len(scores) + len(pairs):
         print(f"skipped {len(scores) + len(pairs) - len(kept_scores) - len(kept_pairs)} ratings of images of another "
               f"size or model family than the majority's {shape} {FAMILY_NAMES[family]}")
     return family, Ratings(torch.stack([latents[i] for i in new_index]),
-                   torch.tensor([i for i, _ in kept_scores], dtype=torch.long),
-                   torch.tensor([s for _, s in kept_scores], dtype=torch.float32),
+                   torch.tensor([i for i, _, _ in kept_scores], dtype=torch.long),
+                   torch.tensor([s for _, s, _ in kept_scores], dtype=torch.float32),
                    torch.tensor([p for p, _ in kept_pairs], dtype=torch.long).reshape(-1, 2),
-                   torch.tensor([o for _, o in kept_pairs], dtype=torch.float32))
+                   torch.tensor([o for _, o in kept_pairs], dtype=torch.float32),
+                   torch.tensor([g for _, _, g in kept_scores], dtype=torch.long))
 
 
 @torch.no_grad()
@@ -236,6 +248,9 @@ def train(settings):
     if len(scores) + len(ratings.pairs) < FEW_RATINGS and follows_recipe(settings, "upstream"):
         print("note: below ~1000 ratings, --train_reward_recipe=few_ratings learns far more: on 4 scripted tastes, 300 "
               "ratings gave held-out Spearman 0.88 against upstream's 0.65 (docs/rating-efficiency.md).")
+    prompt_groups = len(torch.unique(ratings.groups))
+    if settings.train_reward_loss == "ranking" and prompt_groups > 1:
+        print(f"the scores are of {prompt_groups} prompts: the ranking loss orders images of the same prompt only")
     if ratio == 0:
         print("note: train_reward_test_split_ratio=0 holds nothing out, so there are no test metrics and no warning "
               "if the model learned little: check it with --rank_folder on images you know.")

@@ -5,7 +5,9 @@ function on a scripted rater's ratings, so what the benchmark measures is what t
 
 A person's ratings are of two kinds, and one model learns from both together:
   scores       an image's score -5..5 (samples/scores.json): MSE on the score (the seed's loss), or a
-               ranking loss that only asks the model to order each batch's images as their scores do;
+               ranking loss that only asks the model to order each batch's images of one prompt as their
+               scores do (the CNN never sees the prompt: pairs across prompts would teach it which subject
+               the person prefers, not how they like it drawn);
   comparisons  "a is better than b" or "about the same" (samples/comparisons.json): Bradley–Terry,
                P(a better than b) = sigmoid(r_a - r_b), with "about the same" as probability 0.5.
 """
@@ -30,6 +32,11 @@ class Ratings:
     scores: torch.Tensor  # (s,) float, -5..5
     pairs: torch.Tensor  # (c, 2) long: the latents (a, b) of each comparison
     outcomes: torch.Tensor  # (c,) float: 1 = a better, 0 = b better, 0.5 = about the same
+    groups: torch.Tensor = None  # (s,) long: each score's prompt group (the ranking loss pairs within one); None = one
+
+    def __post_init__(self):
+        if self.groups is None:
+            self.groups = torch.zeros_like(self.scored)
 
     @staticmethod
     def of_scores(latents, scores):
@@ -39,10 +46,11 @@ class Ratings:
 
     def subset(self, score_rows, pair_rows):
         return Ratings(self.latents, self.scored[score_rows], self.scores[score_rows], self.pairs[pair_rows],
-                       self.outcomes[pair_rows])
+                       self.outcomes[pair_rows], self.groups[score_rows])
 
     def to(self, device):
-        return Ratings(*(t.to(device) for t in (self.latents, self.scored, self.scores, self.pairs, self.outcomes)))
+        return Ratings(*(t.to(device) for t in (self.latents, self.scored, self.scores, self.pairs, self.outcomes,
+                                                self.groups)))
 
     def __len__(self):
         """How many ratings: a comparison counts as one, as a score does."""
@@ -51,13 +59,16 @@ class Ratings:
 
 # ---------------------------------------------------------------- losses
 
-def score_ranking_loss(predicted, scores):
+def score_ranking_loss(predicted, scores, groups=None):
     """Pairwise logistic loss: mean over pairs with scores_i > scores_j of -log sigmoid(pred_i - pred_j).
 
-    predicted, scores: (b,). Pairs with equal scores say nothing about the order and are left out; a
-    batch without any different scores gives 0 (with a gradient, so it can be summed with other losses).
+    predicted, scores: (b,); groups: (b,) ints, only pairs within a group count (None = one group). Pairs
+    with equal scores say nothing about the order and are left out; a batch without any such pair gives 0
+    (with a gradient, so it can be summed with other losses).
     """
     better = scores[:, None] > scores[None, :]  # (b, b): row i beats column j
+    if groups is not None:
+        better &= groups[:, None] == groups[None, :]
     if not better.any():
         return predicted.sum() * 0.0
     margins = predicted[:, None] - predicted[None, :]  # (b, b)
@@ -69,8 +80,9 @@ def bradley_terry_loss(reward_a, reward_b, outcomes):
     return F.binary_cross_entropy_with_logits(reward_a - reward_b, outcomes)
 
 
-def score_loss(name, predicted, scores):
-    return F.mse_loss(predicted, scores) if name == "mse" else score_ranking_loss(predicted, scores)
+def score_loss(name, predicted, scores, groups=None):
+    """MSE (the seed's; across prompt groups too: a score is a score) or the ranking loss within `groups`."""
+    return F.mse_loss(predicted, scores) if name == "mse" else score_ranking_loss(predicted, scores, groups)
 
 
 # ---------------------------------------------------------------- split and evaluation
@@ -121,7 +133,7 @@ def evaluate(model, ratings, loss_name, batch_size):
     predicted = torch.zeros(len(ratings.latents), device=ratings.latents.device)
     predicted[used] = predict(model, ratings.latents[used], batch_size)  # (n,), 0 where not held out
     record = {"test_loss": objective(loss_name, predicted[ratings.scored], ratings.scores,
-                                     predicted[ratings.pairs], ratings.outcomes).item()}
+                                     predicted[ratings.pairs], ratings.outcomes, ratings.groups).item()}
     if len(ratings.scores):
         on_scored = predicted[ratings.scored]
         record |= {"test_pearson": pearson(on_scored, ratings.scores),
@@ -143,12 +155,12 @@ def evaluate_members(members, tests, loss_name, batch_size):
     return means
 
 
-def objective(loss_name, predicted, scores, rewards, outcomes):
-    """The training loss: the score loss on the scored images (predicted, scores: (s,)) plus Bradley–Terry
+def objective(loss_name, predicted, scores, rewards, outcomes, groups=None):
+    """The training loss: the score loss on the scored images (predicted, scores, groups: (s,)) plus Bradley–Terry
     on the comparisons (rewards: (c, 2) of a and b, outcomes: (c,)). A part with nothing in it is left out."""
     parts = []
     if len(scores):
-        parts.append(score_loss(loss_name, predicted, scores))
+        parts.append(score_loss(loss_name, predicted, scores, groups))
     if len(outcomes):
         parts.append(bradley_terry_loss(rewards[:, 0], rewards[:, 1], outcomes))
     return sum(parts)
@@ -178,7 +190,8 @@ def train_one_epoch(model, optimizer, train, settings):
         predicted = model(flipped(train.latents[train.scored[rows]], augment)) if len(rows) else None  # (b,)
         pairs = train.pairs[pair_rows]  # (c, 2)
         rewards = model(flipped(train.latents[pairs.reshape(-1)], augment)).reshape(-1, 2) if len(pairs) else None
-        loss = objective(settings.train_reward_loss, predicted, train.scores[rows], rewards, train.outcomes[pair_rows])
+        loss = objective(settings.train_reward_loss, predicted, train.scores[rows], rewards, train.outcomes[pair_rows],
+                         train.groups[rows])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

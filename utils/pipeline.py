@@ -32,6 +32,12 @@ def text_encoders(pipeline):
     return [encoder for encoder in encoders if encoder is not None]
 
 
+def text_tokenizers(pipeline):
+    """The tokenizers of the pipeline's text encoders (SDXL's two may differ), e.g. to check a prompt's length."""
+    tokenizers = (pipeline.tokenizer, getattr(pipeline, "tokenizer_2", None))
+    return [tokenizer for tokenizer in tokenizers if tokenizer is not None]
+
+
 @torch.no_grad()
 def decode_latents(pipeline, latents):
     """(batch, 4, h/8, w/8) final latents -> list of PIL images, decoded where the VAE is.

@@ -9,6 +9,9 @@ prompt on a rerun, after a resume and on any number of processes, as it gives th
 empty prompt_file is the single `prompt` setting, exactly as without prompt sets.
 """
 
+import functools
+import hashlib
+import os
 import random
 import re
 
@@ -28,8 +31,8 @@ def check_line(path, number, line):
             raise UserError(f"{path}, line {number}: {line!r} has an empty variant in {{{group}}}: fix that line.")
 
 
-def read_prompt_file(path):
-    """The prompt lines of `path` (comments and blank lines dropped); UserError naming the file and line."""
+def read_numbered_prompt_file(path):
+    """[(line number, prompt line)] of `path` (comments and blank lines dropped); UserError naming the file and line."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -50,7 +53,12 @@ def read_prompt_file(path):
     if not lines:
         raise UserError(f"prompt_file {path} holds no prompt (only comments or blank lines): write one prompt "
                         "per line, or set --prompt_file= to use the single prompt setting.")
-    return [line for _, line in lines]
+    return lines
+
+
+def read_prompt_file(path):
+    """The prompt lines of `path` (comments and blank lines dropped); UserError naming the file and line."""
+    return [line for _, line in read_numbered_prompt_file(path)]
 
 
 def prompt_lines(settings):
@@ -74,6 +82,32 @@ def prompt_for_seed(lines, seed):
     return expand(lines[rng.randrange(len(lines))], rng)
 
 
-def longest_expansions(line):
-    """One expansion per variant position that is longest in characters: what a length check needs."""
-    return VARIANTS.sub(lambda match: max(match.group(1).split("|"), key=len).strip(), line)
+def longest_expansions(line, length=len):
+    """`line` with each {a|b|c} group replaced by its longest variant by `length` (characters unless told, e.g.
+    a tokenizer's count): the expansion a length check needs."""
+    return VARIANTS.sub(lambda match: max((v.strip() for v in match.group(1).split("|")), key=length), line)
+
+
+def token_count(tokenizer, text):
+    """Tokens of `text` as its text encoder would get them before truncation, the start and end tokens included."""
+    return len(tokenizer(text, truncation=False, verbose=False).input_ids)  # no warning: what is too long is said
+
+
+def check_token_lengths(path, tokenizers):
+    """Refuse a line of prompt file `path` whose longest expansion has more tokens than a text encoder reads
+    (CLIP's 77, start and end included) for any of `tokenizers` (SDXL has two): the pipeline would cut it off."""
+    for number, line in read_numbered_prompt_file(path):
+        for tokenizer in tokenizers:
+            longest = longest_expansions(line, length=functools.partial(token_count, tokenizer))
+            count = token_count(tokenizer, longest)
+            if count > tokenizer.model_max_length:
+                raise UserError(f"{path}, line {number}: {longest!r} is {count} tokens, more than the "
+                                f"{tokenizer.model_max_length} the text encoder reads, so it would be truncated: "
+                                "shorten that line (or its longest variants).")
+
+
+def prompt_set_parameters(path, lines):
+    """What identifies a prompt file's prompts in a round's parameters (a change starts a new round) and
+    in LoRA metadata: its absolute path, the sha256 of its prompt lines (comments left out) and the lines."""
+    digest = hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+    return {"prompt_file": os.path.abspath(path), "prompt_lines_sha256": digest, "prompt_lines": lines}

@@ -294,7 +294,9 @@ def round_prompts(folder):
     {} when the folder has no readable round.json (its images then count as one prompt group)."""
     try:
         current = read_json(os.path.join(folder, ROUND_FILE))  # a regular file only: a FIFO would hang the page
-        seeds, prompts, prompt = current["seeds"], current.get("prompts", {}), current["parameters"]["prompt"]
-        return {f"{seed}.png": str(prompts.get(str(seed), prompt)) for seed in seeds}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        # a round made from a prompt_file has the file's lines in its parameters instead of a "prompt"
+        seeds, prompts, prompt = current["seeds"], current.get("prompts", {}), current["parameters"].get("prompt")
+        return {f"{seed}.png": str(prompts.get(str(seed), prompt)) for seed in seeds
+                if str(seed) in prompts or prompt is not None}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return {}
