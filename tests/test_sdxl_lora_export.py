@@ -12,8 +12,8 @@ from test_lora_export import base_unet, trained_lora_unet
 
 from conftest import merge_webui_lora
 from ddpo.lora import TARGET_MODULES
-from tools.benchmark import SDXL_UNET
 from tools.tiny_checkpoint import SDXL_CROSS_ATTENTION_DIM, SDXL_POOLED_DIM
+from utils.checkpoint import CONFIGS
 from utils.lora_files import save_lora
 from utils.pipeline import load_pipeline
 
@@ -90,7 +90,7 @@ def exported(request, tiny_sdxl_checkpoint, tmp_path_factory):
 
 def test_the_tiny_unet_has_exactly_sdxls_attention_layers(tiny_sdxl_checkpoint):
     with torch.device("meta"):
-        real = UNet2DConditionModel(**SDXL_UNET)
+        real = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(CONFIGS / "sdxl" / "unet")))
     assert sum(p.numel() for p in real.parameters()) == pytest.approx(2.567e9, rel=1e-3)  # SDXL base's UNet
     tiny = base_unet(tiny_sdxl_checkpoint)
     assert set(attention_modules(tiny)) == set(attention_modules(real))
