@@ -10,7 +10,7 @@ import torch
 
 from conftest import run_script, tiny_denoiser
 from ddpo.lora import add_lora
-from ddpo.precision import MixedPrecision
+from ddpo.precision import MIN_LOSS_SCALE, MixedPrecision
 from ddpo.sampling import sample_with_logprob
 from tools.tiny_checkpoint import tiny_unet
 from train_policy import SKIPPED_STEPS_TO_STOP, count_skipped_steps, train_epoch, training_minibatches
@@ -67,7 +67,11 @@ def test_a_half_precision_step_trains_the_fp32_lora_as_fp32_does(name, half, fp3
     assert set(outputs) == {half}, "autocast runs the UNet in the half dtype"
     assert all(p.dtype == torch.float32 for p in lora_parameters(denoiser.unet))
     assert denoiser.unet.conv_in.weight.dtype == half  # the frozen weights stay half
-    assert precision.loss_scale == (2.0**16 if name == "fp16" else 1.0) or name == "fp16"
+    if name == "fp16":  # from GradScaler's 2^16, halved at each overflow until the minibatch's gradient was finite
+        assert math.log2(precision.loss_scale).is_integer() and MIN_LOSS_SCALE <= precision.loss_scale <= 2.0**16
+        assert precision.clean_minibatches >= 1
+    else:  # bf16 has fp32's range: nothing to scale
+        assert precision.loss_scale == 1.0 and precision.clean_minibatches == 0
     assert torch.isfinite(after).all()
     agreement = same_direction(after - before, fp32_update)
     assert agreement > 0.9, f"only {agreement:.0%} of the LoRA moved as in fp32"
