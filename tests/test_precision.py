@@ -2,7 +2,6 @@
 autocast, and fp16's grad scaler, exactly the code a GPU runs (only the device type differs). A step
 whose loss or gradients are not finite is skipped and counted, and a run of them stops the run."""
 
-import json
 import math
 
 import pytest
@@ -16,6 +15,7 @@ from tools.tiny_checkpoint import tiny_unet
 from train_policy import SKIPPED_STEPS_TO_STOP, count_skipped_steps, train_epoch, training_minibatches
 from utils.errors import UserError
 from utils.lora_files import save_lora
+from utils.metrics import read_jsonl
 
 
 def lora_parameters(unet):
@@ -124,8 +124,7 @@ def test_a_diverging_run_stops_with_one_sentence_and_saves_no_non_finite_lora(tm
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("error: ") and "not finite" in error and "Traceback" not in result.stderr
     outputs = tmp_path / "outputs"
-    with open(outputs / "policy_metrics.jsonl") as f:
-        records = [json.loads(line) for line in f]
+    records = read_jsonl(str(outputs / "policy_metrics.jsonl"))
     assert sum(r["skipped_steps"] for r in records) >= SKIPPED_STEPS_TO_STOP
     assert not list(outputs.glob("*lora_epoch_*"))  # the run stopped before its first save
     assert math.isfinite(records[0]["loss"])

@@ -16,6 +16,7 @@ from PIL import Image
 from conftest import assert_ok, run_script, snapshot
 from ddpo.statistics import spearman
 from utils.files import write_json_atomic
+from utils.metrics import read_jsonl
 from utils.reward_files import reward_model_metadata
 from utils.samples import latent_file, save_latent
 
@@ -44,8 +45,7 @@ def brightness_like_round(n, seed=0):
 
 
 def read_metrics(folder):
-    with open(os.path.join(folder, "models", "reward_metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return read_jsonl(os.path.join(folder, "models", "reward_metrics.jsonl"))
 
 
 def assert_valid_plot(path):
