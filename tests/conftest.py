@@ -5,11 +5,13 @@ working directory, so no test can touch the repository's models/, samples/ or ou
 """
 
 import hashlib
+import importlib
+import io
 import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import nullcontext, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +32,7 @@ from tools.tiny_checkpoint import (  # noqa: E402
     sd15_scheduler,
     tiny_unet,
 )
-from utils.cli import stage_paths  # noqa: E402
+from utils.cli import run_stage, stage_paths  # noqa: E402
 from utils.reward_files import save_reward_model  # noqa: E402
 
 # The tiny models gain nothing from threads, and on a small machine shared with other work PyTorch's
@@ -81,6 +83,18 @@ def tiny_denoiser(guidance_scale, eta, dtype=torch.float32, autocast=nullcontext
     return Denoiser(unet, sd15_scheduler(), positive, negative, guidance_scale, eta, autocast=autocast)
 
 
+# The test being set up, and whether it is marked `stages`: a stage script run in a subprocess costs 10-20 s,
+# so every test that runs one (itself or through a fixture) carries the marker, and `-m "not slow and not
+# stages"` stays an edit loop of a few minutes. stage_command refuses to run for a test without it.
+CURRENT_TEST = {"id": None, "stages": False}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Before the fixtures are set up: a module-scoped fixture runs its scripts for the first test that needs it."""
+    CURRENT_TEST.update(id=item.nodeid, stages=item.get_closest_marker("stages") is not None)
+
+
 def run_script(name, *args, cwd, checkpoint=None, timeout=300, env=None):
     """Run `<repo>/<name>.py` in a subprocess with every path in `cwd` and TINY_SETTINGS, then `args`.
 
@@ -95,6 +109,9 @@ def run_script(name, *args, cwd, checkpoint=None, timeout=300, env=None):
 
 def stage_command(name, *args, cwd, checkpoint=None, env=None):
     """(command, environment) that run_script runs; for a test that needs the process itself (Popen)."""
+    if not CURRENT_TEST["stages"]:
+        pytest.fail(f"{CURRENT_TEST['id']} runs the stage script {name}.py in a subprocess: mark the test with "
+                    "@pytest.mark.stages (or its module: pytestmark = pytest.mark.stages)", pytrace=False)
     settings = {**stage_paths(cwd, checkpoint), **TINY_SETTINGS}
     command = [sys.executable, str(REPO / f"{name}.py"), *(f"--{k}={v}" for k, v in settings.items()), *args]
     return command, {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
@@ -116,6 +133,35 @@ def assert_ok(result):
     """Assert a run_script result exited 0; on failure show its output."""
     assert result.returncode == 0, f"exit {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
     return result
+
+
+def assert_refused(result, *words):
+    """Exit 2, exactly one stderr line "error: ..." holding every word, no traceback; returns the line."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for word in words:
+        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def run_in_process(name, *args, cwd, checkpoint=None):
+    """run_script's command line through the stage's own run_stage, in this process: the same settings, the same
+    refusal (exit code, one stderr line), without the seconds of a new process. For variants of a mistake whose
+    contract one run_script already holds. Returns a CompletedProcess of what the stage printed."""
+    stage = importlib.import_module(name)
+    settings = {**stage_paths(cwd, checkpoint), **TINY_SETTINGS}
+    argv = [f"{name}.py", *(f"--{k}={v}" for k, v in settings.items()), *args]
+    stdout, stderr, returncode = io.StringIO(), io.StringIO(), 0
+    with pytest.MonkeyPatch.context() as patch, redirect_stdout(stdout), redirect_stderr(stderr):
+        patch.chdir(cwd)
+        patch.setattr(sys, "argv", argv)
+        try:
+            run_stage(stage.main, stage.USED_SETTINGS)
+        except SystemExit as exit_:
+            returncode = exit_.code
+    return subprocess.CompletedProcess(argv, returncode, stdout.getvalue(), stderr.getvalue())
 
 
 def snapshot(folder):

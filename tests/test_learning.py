@@ -26,6 +26,7 @@ def demo_run(tmp_path_factory):
         return folder, demo.run_demo(str(folder), extra_args=["--device=cpu"])
 
 
+@pytest.mark.stages
 @pytest.mark.slow
 def test_fresh_samples_score_higher_after_two_rounds_by_half_a_standard_deviation(demo_run):
     _, summary = demo_run
@@ -38,6 +39,7 @@ def test_fresh_samples_score_higher_after_two_rounds_by_half_a_standard_deviatio
     assert summary["ratings_used"] <= demo.ROUNDS * demo.DEMO_SETTINGS["generate_sample_size"] // 2
 
 
+@pytest.mark.stages
 @pytest.mark.slow
 def test_the_measured_seeds_are_fresh_and_the_reward_models_learned_the_rule(demo_run):
     folder, summary = demo_run
@@ -54,6 +56,7 @@ def test_the_measured_seeds_are_fresh_and_the_reward_models_learned_the_rule(dem
     assert all(r["reward_model_test_pearson"] > config.train_reward_min_correlation for r in summary["rounds"][:-1])
 
 
+@pytest.mark.stages
 @pytest.mark.slow
 def test_the_plots_and_previews_a_person_looks_at_are_pngs(demo_run):
     folder, summary = demo_run

@@ -17,6 +17,8 @@ import pytest
 from conftest import REPO, TINY_SETTINGS, assert_ok, run_script, stage_paths
 from utils.metrics import read_jsonl
 
+pytestmark = pytest.mark.stages  # every test here runs stage scripts in subprocesses
+
 POLICY = ["--train_sample_batch_size=2", "--train_sample_num_batches_per_epoch=2", "--train_save_freq=1",
           "--train_preview_seeds=0"]
 

@@ -113,6 +113,7 @@ def test_skipped_steps_in_a_row_stop_the_run_with_the_cause_and_the_setting():
     assert "mixed_precision=bf16" in str(stop.value)
 
 
+@pytest.mark.stages
 def test_a_diverging_run_stops_with_one_sentence_and_saves_no_non_finite_lora(tmp_path, tiny_checkpoint,
                                                                              random_reward_model):
     # a learning rate near float32's limit: the first step's LoRA is huge, the next forward overflows

@@ -13,6 +13,8 @@ from conftest import assert_ok, run_script, stage_command
 from utils.metrics import read_jsonl
 from utils.run_state import STATE_FILE
 
+pytestmark = pytest.mark.stages  # every test here runs stage scripts in subprocesses
+
 POLICY = ["--train_sample_batch_size=2", "--train_sample_num_batches_per_epoch=2", "--train_policy_batch_size=2",
           "--train_policy_learning_rate=1e-2", "--train_preview_seeds=0"]
 

@@ -280,6 +280,7 @@ def test_only_loopback_hosts_go_without_a_warning():
     assert not score.is_loopback("0.0.0.0") and not score.is_loopback("192.168.1.5") and not score.is_loopback("mybox")
 
 
+@pytest.mark.stages
 def test_the_script_prints_its_address_serves_and_stops_cleanly_on_ctrl_c(round_folder):
     process = subprocess.Popen(
         [sys.executable, "-u", os.path.join(REPO, "score.py"), f"--sample_path={round_folder}",
@@ -300,6 +301,7 @@ def test_the_script_prints_its_address_serves_and_stops_cleanly_on_ctrl_c(round_
     assert read_json(round_folder / "scores.json") == {"33.png": 2}
 
 
+@pytest.mark.stages
 def test_a_bad_setting_is_one_line_not_a_traceback(round_folder):
     result = subprocess.run([sys.executable, os.path.join(REPO, "score.py"), "--score_port=99999"],
                             cwd=REPO, capture_output=True, text=True, timeout=60)
