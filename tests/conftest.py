@@ -12,11 +12,13 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext, redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -24,9 +26,11 @@ if str(REPO) not in sys.path:
 
 from ddpo.lora import add_lora  # noqa: E402
 from ddpo.reward_model import LatentRewardModel  # noqa: E402
-from ddpo.sampling import Denoiser  # noqa: E402
+from ddpo.sampling import Denoiser, sdxl_time_ids  # noqa: E402
 from tools.tiny_checkpoint import (  # noqa: E402
     CROSS_ATTENTION_DIM,
+    SDXL_CROSS_ATTENTION_DIM,
+    SDXL_POOLED_DIM,
     build_tiny_checkpoint,
     build_tiny_sdxl_checkpoint,
     sd15_scheduler,
@@ -55,6 +59,48 @@ def tiny_checkpoint(tmp_path_factory):
 def tiny_sdxl_checkpoint(tmp_path_factory):
     """Path of a tiny diffusers SDXL checkpoint on disk (built once per test session)."""
     return str(build_tiny_sdxl_checkpoint(str(tmp_path_factory.mktemp("tiny_sdxl_checkpoint"))))
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a test of both model families needs to know of one, as diffusers' pipeline tests keep a tester
+    config per pipeline (get_dummy_components, get_dummy_inputs): the tests themselves are written once."""
+    name: str  # "sd15" or "sdxl", as utils.checkpoint.model_family says
+    checkpoint_fixture: str  # the session fixture that builds its tiny checkpoint folder
+    pipeline_class: type
+    attention_linears: int  # the real architecture's attention projections the LoRA targets
+    cross_attention_dim: int  # the tiny checkpoint's
+
+    def unet_inputs(self):
+        """Keyword arguments of a UNet call on 2 random 64x64 latents (seeded) at timesteps 901 and 301, with
+        for SDXL its added conditioning (a pooled embedding and the size ids)."""
+        generator = torch.Generator().manual_seed(0)
+        inputs = {"sample": torch.randn(2, 4, 8, 8, generator=generator), "timestep": torch.tensor([901, 301]),
+                  "encoder_hidden_states": torch.randn(2, 77, self.cross_attention_dim, generator=generator)}
+        if self.name == "sdxl":
+            inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, SDXL_POOLED_DIM, generator=generator),
+                                           "time_ids": sdxl_time_ids(64, 64).expand(2, -1)}
+        return inputs
+
+
+FAMILIES = {
+    "sd15": Family("sd15", "tiny_checkpoint", StableDiffusionPipeline, 128, CROSS_ATTENTION_DIM),
+    # 70 transformer blocks (down 2x1 + 2x10, mid 10, up 3x10 + 3x2) x 2 attentions x 4 projections
+    "sdxl": Family("sdxl", "tiny_sdxl_checkpoint", StableDiffusionXLPipeline, 560, SDXL_CROSS_ATTENTION_DIM),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request):
+    """Each model family in turn (a module's tests run for SD1.5, then for SDXL); a test of one family only
+    says so with @pytest.mark.parametrize("family", ["sdxl"], indirect=True)."""
+    return FAMILIES[request.param]
+
+
+@pytest.fixture(scope="module")
+def family_checkpoint(family, request):
+    """Path of the tiny checkpoint folder of the family under test."""
+    return request.getfixturevalue(family.checkpoint_fixture)
 
 
 @pytest.fixture(scope="session")
