@@ -66,6 +66,7 @@ class Family:
     """What a test of both model families needs to know of one, as diffusers' pipeline tests keep a tester
     config per pipeline (get_dummy_components, get_dummy_inputs): the tests themselves are written once."""
     name: str  # "sd15" or "sdxl", as utils.checkpoint.model_family says
+    label: str  # as messages name the family
     checkpoint_fixture: str  # the session fixture that builds its tiny checkpoint folder
     pipeline_class: type
     attention_linears: int  # the real architecture's attention projections the LoRA targets
@@ -84,9 +85,9 @@ class Family:
 
 
 FAMILIES = {
-    "sd15": Family("sd15", "tiny_checkpoint", StableDiffusionPipeline, 128, CROSS_ATTENTION_DIM),
+    "sd15": Family("sd15", "SD1.x", "tiny_checkpoint", StableDiffusionPipeline, 128, CROSS_ATTENTION_DIM),
     # 70 transformer blocks (down 2x1 + 2x10, mid 10, up 3x10 + 3x2) x 2 attentions x 4 projections
-    "sdxl": Family("sdxl", "tiny_sdxl_checkpoint", StableDiffusionXLPipeline, 560, SDXL_CROSS_ATTENTION_DIM),
+    "sdxl": Family("sdxl", "SDXL", "tiny_sdxl_checkpoint", StableDiffusionXLPipeline, 560, SDXL_CROSS_ATTENTION_DIM),
 }
 
 
