@@ -64,7 +64,8 @@ def rated(tmp_path):
         save_latent(latent_file(str(samples), f"{seed}.png"), torch.randn(4, 8, 8, generator=generator))
     (samples / "scores.json").write_text(json.dumps({f"{seed}.png": seed - 3 for seed in SEEDS}))
     settings = parse_settings([f"--sample_path={samples}", f"--model_path={tmp_path / 'models'}", "--device=cpu",
-                               "--train_reward_num_epochs=1", "--train_reward_batch_size=2"], train_reward.USED_SETTINGS)
+                               "--train_reward_num_epochs=1", "--train_reward_batch_size=2"],
+                              train_reward.USED_SETTINGS)
     return samples, settings
 
 

@@ -43,7 +43,8 @@ def rated_round(samples):
 
 
 def archive_in_a_process(samples, crash_at):
-    script = f"import sys; sys.path.insert(0, {str(REPO)!r}); from utils.samples import archive_round; archive_round(sys.argv[1])"
+    script = (f"import sys; sys.path.insert(0, {str(REPO)!r}); "
+              "from utils.samples import archive_round; archive_round(sys.argv[1])")
     return subprocess.run([sys.executable, "-c", script, str(samples)], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "ALMOSTPERFECT_CRASH_AT": crash_at})
 
@@ -115,7 +116,8 @@ def test_a_second_generate_or_generate_under_the_rating_page_is_refused_at_start
     samples = tmp_path / "samples"
     command, env = stage_command("generate", "--generate_sample_size=100000", "--generate_lora=none", cwd=tmp_path,
                                  checkpoint=tiny_checkpoint, env={"PYTHONUNBUFFERED": "1"})
-    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True)
     try:
         while "generating" not in (line := first.stdout.readline()):
             assert line, "the first generate ended early"

@@ -189,8 +189,8 @@ def test_train_reward_learns_from_scores_and_comparisons_of_every_round_with_an_
     result = assert_ok(run_script("train_reward", "--train_reward_num_epochs=15", "--train_reward_batch_size=32",
                                   "--train_reward_test_split_ratio=0.2", "--train_reward_loss=ranking",
                                   "--train_reward_ensemble_size=3", cwd=tmp_path))
-    assert "80 ratings (mean" in result.stdout and "and 303 comparisons: 306 to train on, 77 held out" in result.stdout, \
-        result.stdout
+    assert "80 ratings (mean" in result.stdout, result.stdout
+    assert "and 303 comparisons: 306 to train on, 77 held out" in result.stdout, result.stdout
     assert "each of the 3 CNNs holds out different ones" in result.stdout
     path = str(tmp_path / "models" / "reward_model.safetensors")
     metadata = reward_model_metadata(path)

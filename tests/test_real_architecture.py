@@ -58,8 +58,9 @@ def test_sd15s_architecture_runs_every_stage_from_a_folder_and_from_a_single_fil
     with safe_open(single_file, "pt") as f:
         names = list(f.keys())
     weights = len(pipeline.unet.state_dict()) + len(pipeline.vae.state_dict()) + len(pipeline.text_encoder.state_dict())
-    assert len(names) == weights == 1130 and all(n.startswith(("model.diffusion_model.", "first_stage_model.",
-                                                               "cond_stage_model.transformer.text_model.")) for n in names)
+    assert len(names) == weights == 1130
+    prefixes = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model.")
+    assert all(n.startswith(prefixes) for n in names)
     del pipeline  # its tensors go back to the system before the stages load their own copies
     built = time.perf_counter()
 
