@@ -258,10 +258,11 @@ def assert_made_with_lora(pipeline, lora_file, latents, latents_of):
 @torch.no_grad()
 def merge_webui_lora(linears, state):
     """Merge a WebUI (kohya) LoRA file's tensors into the UNet as WebUI does: W += (alpha / rank) · up · down
-    for each {kohya module name: nn.Linear} in `linears`."""
+    for each {kohya module name: nn.Linear} in `linears`, computed in the weight's dtype."""
     for name, linear in linears.items():
-        down, up = state[f"{name}.lora_down.weight"].float(), state[f"{name}.lora_up.weight"].float()
-        linear.weight += state[f"{name}.alpha"].float() / down.shape[0] * up @ down
+        down, up, alpha = (state[f"{name}.{part}"].to(linear.weight.dtype)
+                           for part in ("lora_down.weight", "lora_up.weight", "alpha"))
+        linear.weight += alpha / down.shape[0] * up @ down
 
 
 @pytest.fixture
