@@ -5,16 +5,20 @@ working directory, so no test can touch the repository's models/, samples/ or ou
 """
 
 import hashlib
+import importlib
+import io
 import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import nullcontext, redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -22,15 +26,17 @@ if str(REPO) not in sys.path:
 
 from ddpo.lora import add_lora  # noqa: E402
 from ddpo.reward_model import LatentRewardModel  # noqa: E402
-from ddpo.sampling import Denoiser  # noqa: E402
+from ddpo.sampling import Denoiser, sdxl_time_ids  # noqa: E402
 from tools.tiny_checkpoint import (  # noqa: E402
     CROSS_ATTENTION_DIM,
+    SDXL_CROSS_ATTENTION_DIM,
+    SDXL_POOLED_DIM,
     build_tiny_checkpoint,
     build_tiny_sdxl_checkpoint,
     sd15_scheduler,
     tiny_unet,
 )
-from utils.cli import stage_paths  # noqa: E402
+from utils.cli import run_stage, stage_paths  # noqa: E402
 from utils.reward_files import save_reward_model  # noqa: E402
 
 # The tiny models gain nothing from threads, and on a small machine shared with other work PyTorch's
@@ -53,6 +59,49 @@ def tiny_checkpoint(tmp_path_factory):
 def tiny_sdxl_checkpoint(tmp_path_factory):
     """Path of a tiny diffusers SDXL checkpoint on disk (built once per test session)."""
     return str(build_tiny_sdxl_checkpoint(str(tmp_path_factory.mktemp("tiny_sdxl_checkpoint"))))
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a test of both model families needs to know of one, as diffusers' pipeline tests keep a tester
+    config per pipeline (get_dummy_components, get_dummy_inputs): the tests themselves are written once."""
+    name: str  # "sd15" or "sdxl", as utils.checkpoint.model_family says
+    label: str  # as messages name the family
+    checkpoint_fixture: str  # the session fixture that builds its tiny checkpoint folder
+    pipeline_class: type
+    attention_linears: int  # the real architecture's attention projections the LoRA targets
+    cross_attention_dim: int  # the tiny checkpoint's
+
+    def unet_inputs(self):
+        """Keyword arguments of a UNet call on 2 random 64x64 latents (seeded) at timesteps 901 and 301, with
+        for SDXL its added conditioning (a pooled embedding and the size ids)."""
+        generator = torch.Generator().manual_seed(0)
+        inputs = {"sample": torch.randn(2, 4, 8, 8, generator=generator), "timestep": torch.tensor([901, 301]),
+                  "encoder_hidden_states": torch.randn(2, 77, self.cross_attention_dim, generator=generator)}
+        if self.name == "sdxl":
+            inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, SDXL_POOLED_DIM, generator=generator),
+                                           "time_ids": sdxl_time_ids(64, 64).expand(2, -1)}
+        return inputs
+
+
+FAMILIES = {
+    "sd15": Family("sd15", "SD1.x", "tiny_checkpoint", StableDiffusionPipeline, 128, CROSS_ATTENTION_DIM),
+    # 70 transformer blocks (down 2x1 + 2x10, mid 10, up 3x10 + 3x2) x 2 attentions x 4 projections
+    "sdxl": Family("sdxl", "SDXL", "tiny_sdxl_checkpoint", StableDiffusionXLPipeline, 560, SDXL_CROSS_ATTENTION_DIM),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request):
+    """Each model family in turn (a module's tests run for SD1.5, then for SDXL); a test of one family only
+    says so with @pytest.mark.parametrize("family", ["sdxl"], indirect=True)."""
+    return FAMILIES[request.param]
+
+
+@pytest.fixture(scope="module")
+def family_checkpoint(family, request):
+    """Path of the tiny checkpoint folder of the family under test."""
+    return request.getfixturevalue(family.checkpoint_fixture)
 
 
 @pytest.fixture(scope="session")
@@ -81,6 +130,18 @@ def tiny_denoiser(guidance_scale, eta, dtype=torch.float32, autocast=nullcontext
     return Denoiser(unet, sd15_scheduler(), positive, negative, guidance_scale, eta, autocast=autocast)
 
 
+# The test being set up, and whether it is marked `stages`: a stage script run in a subprocess costs 10-20 s,
+# so every test that runs one (itself or through a fixture) carries the marker, and `-m "not slow and not
+# stages"` stays an edit loop of a few minutes. stage_command refuses to run for a test without it.
+CURRENT_TEST = {"id": None, "stages": False}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Before the fixtures are set up: a module-scoped fixture runs its scripts for the first test that needs it."""
+    CURRENT_TEST.update(id=item.nodeid, stages=item.get_closest_marker("stages") is not None)
+
+
 def run_script(name, *args, cwd, checkpoint=None, timeout=300, env=None):
     """Run `<repo>/<name>.py` in a subprocess with every path in `cwd` and TINY_SETTINGS, then `args`.
 
@@ -95,6 +156,9 @@ def run_script(name, *args, cwd, checkpoint=None, timeout=300, env=None):
 
 def stage_command(name, *args, cwd, checkpoint=None, env=None):
     """(command, environment) that run_script runs; for a test that needs the process itself (Popen)."""
+    if not CURRENT_TEST["stages"]:
+        pytest.fail(f"{CURRENT_TEST['id']} runs the stage script {name}.py in a subprocess: mark the test with "
+                    "@pytest.mark.stages (or its module: pytestmark = pytest.mark.stages)", pytrace=False)
     settings = {**stage_paths(cwd, checkpoint), **TINY_SETTINGS}
     command = [sys.executable, str(REPO / f"{name}.py"), *(f"--{k}={v}" for k, v in settings.items()), *args]
     return command, {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
@@ -116,6 +180,35 @@ def assert_ok(result):
     """Assert a run_script result exited 0; on failure show its output."""
     assert result.returncode == 0, f"exit {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
     return result
+
+
+def assert_refused(result, *words):
+    """Exit 2, exactly one stderr line "error: ..." holding every word, no traceback; returns the line."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for word in words:
+        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def run_in_process(name, *args, cwd, checkpoint=None):
+    """run_script's command line through the stage's own run_stage, in this process: the same settings, the same
+    refusal (exit code, one stderr line), without the seconds of a new process. For variants of a mistake whose
+    contract one run_script already holds. Returns a CompletedProcess of what the stage printed."""
+    stage = importlib.import_module(name)
+    settings = {**stage_paths(cwd, checkpoint), **TINY_SETTINGS}
+    argv = [f"{name}.py", *(f"--{k}={v}" for k, v in settings.items()), *args]
+    stdout, stderr, returncode = io.StringIO(), io.StringIO(), 0
+    with pytest.MonkeyPatch.context() as patch, redirect_stdout(stdout), redirect_stderr(stderr):
+        patch.chdir(cwd)
+        patch.setattr(sys, "argv", argv)
+        try:
+            run_stage(stage.main, stage.USED_SETTINGS)
+        except SystemExit as exit_:
+            returncode = exit_.code
+    return subprocess.CompletedProcess(argv, returncode, stdout.getvalue(), stderr.getvalue())
 
 
 def snapshot(folder):
@@ -165,10 +258,11 @@ def assert_made_with_lora(pipeline, lora_file, latents, latents_of):
 @torch.no_grad()
 def merge_webui_lora(linears, state):
     """Merge a WebUI (kohya) LoRA file's tensors into the UNet as WebUI does: W += (alpha / rank) · up · down
-    for each {kohya module name: nn.Linear} in `linears`."""
+    for each {kohya module name: nn.Linear} in `linears`, computed in the weight's dtype."""
     for name, linear in linears.items():
-        down, up = state[f"{name}.lora_down.weight"].float(), state[f"{name}.lora_up.weight"].float()
-        linear.weight += state[f"{name}.alpha"].float() / down.shape[0] * up @ down
+        down, up, alpha = (state[f"{name}.{part}"].to(linear.weight.dtype)
+                           for part in ("lora_down.weight", "lora_up.weight", "alpha"))
+        linear.weight += alpha / down.shape[0] * up @ down
 
 
 @pytest.fixture

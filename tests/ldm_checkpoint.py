@@ -167,7 +167,8 @@ def write_zeros_file(shapes, path, dtype=torch.float16):
     header, offset = {}, 0
     for name, shape in shapes.items():
         size = torch.Size(shape).numel() * torch.finfo(dtype).bits // 8
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the format pads its header to 8 bytes

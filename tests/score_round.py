@@ -13,6 +13,9 @@ from utils.cli import parse_settings
 from utils.samples import webui_parameters
 
 WIDTH, HEIGHT = 96, 144  # the 2:3 shape of the default 720x1080, small
+CHROMIUM = "/usr/bin/chromium"  # Debian's, driven by Playwright
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
 COLOURS = [(214, 69, 65), (52, 152, 219), (241, 196, 15), (46, 204, 113), (155, 89, 182), (230, 126, 34)]
 
 

@@ -1,15 +1,14 @@
 """Bad input, each as a user meets it: the script exits 2 with one line "error: ..." that names the problem,
 no traceback, and every file is as it was. A rated entry whose image is gone is skipped and counted.
 
-Each kind of mistake is run once through a real script, in a subprocess in a folder of its own; the
-runs go side by side, since each is mostly a few seconds of imports. Variants of a mistake are then
-checked in-process against the function that decides, which is fast.
+One mistake per stage is run through the real script, in a subprocess in a folder of its own (the runs
+go side by side, since each is mostly a few seconds of imports); every other case goes through the same
+command line and the stage's own run_stage in this process, which is fast. Variants of a mistake are then
+checked against the function that decides.
 """
 
-import importlib
 import json
 import os
-import re
 import resource
 import signal
 import subprocess
@@ -18,9 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-import config
-from conftest import REPO, run_scripts, snapshot, stage_command, stage_paths
-from utils.cli import SettingsError, defaults, parse_settings
+from conftest import assert_refused, run_in_process, run_scripts, snapshot, stage_command, stage_paths
 from utils.errors import UserError
 from utils.ratings import read_scores
 from utils.samples import latent_file, save_latent
@@ -94,7 +91,7 @@ FILE_REFUSALS = {
 }
 # Settings are refused before any model loads: this folder holds no checkpoint, and the settings
 # error must come first, with nothing else printed (no "LoRA: ...", no progress). One run holds the
-# contract for every setting; test_every_bad_setting_is_one_sentence_naming_it checks the messages in-process.
+# contract for every setting; tests/test_settings.py checks the messages in-process.
 SETTINGS_REFUSALS = {
     "batch arithmetic": (empty, "train_policy",
                          ["--train_sample_batch_size=3", "--train_sample_num_batches_per_epoch=1",
@@ -102,58 +99,72 @@ SETTINGS_REFUSALS = {
                          ["3 images per epoch", "divisible", "train_policy_batch_size = 2"]),
 }
 MISSING_IMAGE = "an entry naming a missing image"
+CASES = {**FILE_REFUSALS, **SETTINGS_REFUSALS,
+         MISSING_IMAGE: (rated_round({**VALID_SCORES, "999.png": 4}), "train_reward",
+                         ["--train_reward_num_epochs=1", "--train_reward_batch_size=4",
+                          "--train_reward_test_split_ratio=0.25"], [])}
+# One real process per stage holds the contract (exit 2, one line on stderr, no traceback, whatever the
+# stage imports or prints on the way); the other cases go through the same run_stage in this process.
+IN_A_SUBPROCESS = ["no checkpoint folder", "scores.json not JSON", "batch arithmetic"]
+assert sorted(CASES[case][1] for case in IN_A_SUBPROCESS) == ["generate", "train_policy", "train_reward"]
+
+
+def prepared(case, folder, tiny_checkpoint):
+    """Set up the case in `folder`; returns (its stage_paths, the stage's arguments, files before)."""
+    setup, _, arguments, _ = CASES[case]
+    setup(folder)
+    paths = {**stage_paths(folder), "tiny_checkpoint": tiny_checkpoint}
+    return paths, [a.format(**paths) for a in arguments], snapshot(folder)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_checkpoint):
-    """Every case above, and a round with one rated image gone, run side by side.
+def subprocess_runs(tmp_path_factory, tiny_checkpoint):
+    """The IN_A_SUBPROCESS cases, each a real script in a folder of its own, side by side.
 
     {case: (folder, its stage_paths, the CompletedProcess, files before, files after)}
     """
-    cases = {**FILE_REFUSALS, **SETTINGS_REFUSALS,
-             MISSING_IMAGE: (rated_round({**VALID_SCORES, "999.png": 4}), "train_reward",
-                             ["--train_reward_num_epochs=1", "--train_reward_batch_size=4",
-                              "--train_reward_test_split_ratio=0.25"], [])}
-    prepared, calls = {}, []
-    for case, (setup, script, arguments, _) in cases.items():
-        folder = tmp_path_factory.mktemp("bad_input")
-        setup(folder)
-        paths = {**stage_paths(folder), "tiny_checkpoint": tiny_checkpoint}
-        prepared[case] = (folder, paths, snapshot(folder))
-        calls.append((script, [a.format(**paths) for a in arguments], {"cwd": folder}))
-    results = run_scripts(calls)
-    return {case: (folder, paths, result, before, snapshot(folder))
-            for (case, (folder, paths, before)), result in zip(prepared.items(), results)}
+    folders = {case: tmp_path_factory.mktemp("bad_input") for case in IN_A_SUBPROCESS}
+    cases = {case: prepared(case, folders[case], tiny_checkpoint) for case in IN_A_SUBPROCESS}
+    results = run_scripts([(CASES[case][1], arguments, {"cwd": folders[case]})
+                           for case, (_, arguments, _) in cases.items()])
+    return {case: (folders[case], paths, result, before, snapshot(folders[case]))
+            for (case, (paths, _, before)), result in zip(cases.items(), results)}
 
 
-def assert_refused(result, *words):
-    """Exit 2, exactly one stderr line "error: ..." holding every word, no traceback; returns the line."""
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
-    assert "Traceback" not in result.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for word in words:
-        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
-    return lines[0]
+@pytest.fixture
+def run(request, tmp_path, tiny_checkpoint):
+    """(folder, its stage_paths, the result, files before, files after) of the case the test is parametrized with."""
+    case = request.node.callspec.params["case"]
+    if case in IN_A_SUBPROCESS:
+        return request.getfixturevalue("subprocess_runs")[case]
+    paths, arguments, before = prepared(case, tmp_path, tiny_checkpoint)
+    result = run_in_process(CASES[case][1], *arguments, cwd=tmp_path)
+    return tmp_path, paths, result, before, snapshot(tmp_path)
 
 
-@pytest.mark.parametrize("case", FILE_REFUSALS)
-def test_a_missing_or_malformed_file_is_refused_and_nothing_changes(runs, case):
-    folder, paths, result, before, after = runs[case]
+def cases(table):
+    """The table's cases as parameters, the ones that start a process marked `stages`."""
+    return [pytest.param(case, marks=pytest.mark.stages) if case in IN_A_SUBPROCESS else case for case in table]
+
+
+@pytest.mark.parametrize("case", cases(FILE_REFUSALS))
+def test_a_missing_or_malformed_file_is_refused_and_nothing_changes(run, case):
+    folder, paths, result, before, after = run
     assert_refused(result, *[word.format(**paths) for word in FILE_REFUSALS[case][3]])
     assert after == before, "a refused run must leave every file as it was"
 
 
-@pytest.mark.parametrize("case", SETTINGS_REFUSALS)
-def test_a_bad_setting_is_refused_at_start_up(runs, case):
-    folder, paths, result, before, after = runs[case]
+@pytest.mark.parametrize("case", cases(SETTINGS_REFUSALS))
+def test_a_bad_setting_is_refused_at_start_up(run, case):
+    folder, paths, result, before, after = run
     line = assert_refused(result, *SETTINGS_REFUSALS[case][3])
     assert "checkpoint" not in line and result.stdout == ""
     assert after == before
 
 
-def test_train_reward_skips_and_counts_an_entry_whose_image_is_gone(runs):
-    folder, paths, result, before, after = runs[MISSING_IMAGE]
+@pytest.mark.parametrize("case", [MISSING_IMAGE])
+def test_train_reward_skips_and_counts_an_entry_whose_image_is_gone(run, case):
+    folder, paths, result, before, after = run
     assert result.returncode == 0, result.stderr
     assert "skipped 1 " in result.stdout
     assert f"{len(ROUND)} ratings" in result.stdout
@@ -190,52 +201,7 @@ def test_a_valid_scores_json_is_read_as_written(tmp_path):
     assert read_scores(str(path)) == {"1.png": -5, "2.png": 0, "3.png": 5}
 
 
-@pytest.mark.parametrize("arguments, words", [
-    (["--lora_rnak=8"], ["--lora_rank"]),
-    (["--train_policy_epochs=3"], ["--train_policy_num_epochs"]),
-    (["--zzzz=1"], ["--help"]),
-    (["--eta=high"], ["--eta", "'high'", "number"]),
-    (["--generate_vae_slicing=maybe"], ["--generate_vae_slicing", "True or False"]),
-    (["height=64"], ["--name=value", "'height=64'"]),
-    (["--eta=-0.5"], ["eta", "> 0"]),
-    (["--width=36"], ["width", "multiple of 8", "36"]),
-    (["--height=0"], ["height", "multiple of 8"]),
-    (["--train_reward_num_epochs=0"], ["train_reward_num_epochs", "at least 1"]),
-    (["--train_sample_batch_size=4", "--train_sample_num_batches_per_epoch=3", "--train_policy_batch_size=5"],
-     ["12 images per epoch", "train_policy_batch_size = 5"]),
-    (["--train_sample_batch_size=4", "--train_sample_num_batches_per_epoch=3", "--train_optimizer_steps_per_epoch=5"],
-     ["train_optimizer_steps_per_epoch = 5", "12 minibatches"]),
-    (["--height=abc"], ["--height", "'abc'", "whole number"]),
-    (["--eta=nan"], ["--eta", "finite"]),
-    (["--train_policy_learning_rate=inf"], ["--train_policy_learning_rate", "finite"]),
-    (["--mixed_precision=fp8"], ["mixed_precision", "fp16, bf16 or no"]),
-])
-def test_every_bad_setting_is_one_sentence_naming_it(arguments, words):
-    with pytest.raises(SettingsError) as refusal:
-        parse_settings(["--device=cpu", *arguments])
-    message = str(refusal.value)
-    assert "\n" not in message
-    for word in words:
-        assert word in message
-
-
-def test_settings_parse_types_and_the_last_value_wins():
-    settings = parse_settings(["--device=cpu", "--height=64", "--height=128", "--eta=0.5", "--generate_vae_slicing=false",
-                             "--prompt=a cat, at night"])
-    assert (settings.height, settings.eta, settings.generate_vae_slicing) == (128, 0.5, False)
-    assert settings.prompt == "a cat, at night"
-    assert settings.width == config.width  # untouched settings keep config.py's value
-
-
-def test_help_lists_the_stages_settings_with_their_values(capsys):
-    with pytest.raises(SystemExit) as exit_:
-        parse_settings(["--device=cpu", "--height=64", "--help"], ["generate_lora", "height"])
-    assert exit_.value.code == 0
-    out = capsys.readouterr().out
-    assert "--generate_lora=latest" in out and "--height=64" in out
-    assert "--train_clip_range" not in out
-
-
+@pytest.mark.stages
 def test_a_full_disk_is_one_sentence_naming_the_file_and_the_saved_model_is_kept(tmp_path):
     """A file-size limit makes the kernel refuse writes as a full disk would (EFBIG, like ENOSPC)."""
     rated_round(VALID_SCORES)(tmp_path)
@@ -257,13 +223,3 @@ def test_a_full_disk_is_one_sentence_naming_the_file_and_the_saved_model_is_kept
                                      "and run the same command again; everything saved before is kept.")
     assert saved.read_bytes() == b"the model trained last week"
     assert sorted(os.listdir(saved.parent)) == ["reward_metrics.jsonl", "reward_model.safetensors"]  # no temp file
-
-
-@pytest.mark.parametrize("stage", ["generate", "score", "train_reward", "train_policy"])
-def test_help_lists_every_setting_the_stage_reads(stage):
-    """--help prints USED_SETTINGS: each stage's list must hold every `settings.<name>` its script reads."""
-    source = (REPO / f"{stage}.py").read_text()
-    read = set(re.findall(r"\bsettings\.([a-z_]+)", source)) & set(defaults())
-    listed = set(importlib.import_module(stage).USED_SETTINGS)
-    assert read <= listed, f"{stage}.USED_SETTINGS lacks {sorted(read - listed)}"
-    assert listed <= set(defaults())

@@ -43,7 +43,8 @@ def rated_round(samples):
 
 
 def archive_in_a_process(samples, crash_at):
-    script = f"import sys; sys.path.insert(0, {str(REPO)!r}); from utils.samples import archive_round; archive_round(sys.argv[1])"
+    script = (f"import sys; sys.path.insert(0, {str(REPO)!r}); "
+              "from utils.samples import archive_round; archive_round(sys.argv[1])")
     return subprocess.run([sys.executable, "-c", script, str(samples)], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "ALMOSTPERFECT_CRASH_AT": crash_at})
 
@@ -76,6 +77,7 @@ def test_archiving_twice_never_mixes_rounds(tmp_path):
     assert archive_round(str(samples)) is None  # nothing left to move
 
 
+@pytest.mark.stages
 def test_generate_killed_between_latent_and_png_resumes_the_same_round(tmp_path, tiny_checkpoint):
     args = ["--generate_sample_size=3", "--generate_batch_size=1", "--generate_lora=none"]
     command, env = stage_command("generate", *args, cwd=tmp_path, checkpoint=tiny_checkpoint,
@@ -95,6 +97,7 @@ def test_generate_killed_between_latent_and_png_resumes_the_same_round(tmp_path,
     assert not (samples / "history").exists() and not (samples / ".lock").exists()
 
 
+@pytest.mark.stages
 def test_generate_killed_while_archiving_the_rated_round_keeps_it_whole(tmp_path, tiny_checkpoint):
     samples = tmp_path / "samples"
     before = rated_round(samples)
@@ -108,11 +111,13 @@ def test_generate_killed_while_archiving_the_rated_round_keeps_it_whole(tmp_path
     assert len(round_images(str(samples))) == 2 and not (samples / "scores.json").exists()
 
 
+@pytest.mark.stages
 def test_a_second_generate_or_generate_under_the_rating_page_is_refused_at_start(tmp_path, tiny_checkpoint):
     samples = tmp_path / "samples"
     command, env = stage_command("generate", "--generate_sample_size=100000", "--generate_lora=none", cwd=tmp_path,
                                  checkpoint=tiny_checkpoint, env={"PYTHONUNBUFFERED": "1"})
-    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True)
     try:
         while "generating" not in (line := first.stdout.readline()):
             assert line, "the first generate ended early"

@@ -4,10 +4,12 @@ import math
 
 import pytest
 import torch
+from diffusers import DDIMScheduler
 from torch.distributions import Normal
 
 from ddpo.ddim import ddim_step_with_logprob
 from tools.tiny_checkpoint import sd15_scheduler
+from utils.checkpoint import CONFIGS
 
 STEPS = 20
 SHAPE = (3, 4, 8, 8)
@@ -41,8 +43,16 @@ def reference_mean_std(scheduler, noise_pred, latents, t, eta):
 
 
 def test_the_schedule_is_sd15s_twenty_steps(scheduler):
-    assert scheduler.timesteps[0].item() == 951 and scheduler.timesteps[-1].item() == 1
-    assert len(scheduler.timesteps) == STEPS
+    # SD1.5's scaled_linear betas in float64, and "leading" spacing with steps_offset=1: 951, 901, ..., 1
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    torch.testing.assert_close(scheduler.alphas_cumprod.double(), torch.cumprod(1 - betas, 0), atol=1e-6, rtol=1e-5)
+    assert scheduler.timesteps.tolist() == [1000 // STEPS * i + 1 for i in reversed(range(STEPS))]
+    # and it is the schedule of the scheduler SD1.5 ships, as load_pipeline turns it into DDIM
+    shipped = DDIMScheduler.from_config(DDIMScheduler.load_config(str(CONFIGS / "sd15" / "scheduler")))
+    shipped.set_timesteps(STEPS)
+    torch.testing.assert_close(shipped.alphas_cumprod, scheduler.alphas_cumprod)
+    assert shipped.timesteps.tolist() == scheduler.timesteps.tolist()
+    assert shipped.config.set_alpha_to_one == scheduler.config.set_alpha_to_one is False
 
 
 @pytest.mark.parametrize("eta", [1.0, 0.5])

@@ -13,7 +13,9 @@ from PIL import Image
 
 import config
 import demo
+from generate import read_round
 from tools.scripted_rater import calibration_of, scores_from_values
+from utils.cli import images_per_epoch, parse_settings
 
 
 @pytest.fixture(scope="module")
@@ -24,25 +26,37 @@ def demo_run(tmp_path_factory):
         return folder, demo.run_demo(str(folder), extra_args=["--device=cpu"])
 
 
+@pytest.mark.stages
 @pytest.mark.slow
 def test_fresh_samples_score_higher_after_two_rounds_by_half_a_standard_deviation(demo_run):
     _, summary = demo_run
     first, last = summary["rounds"][0], summary["rounds"][-1]
-    assert [r["lora_epochs"] for r in summary["rounds"]] == [0, demo.POLICY_EPOCHS_PER_ROUND, 2 * demo.POLICY_EPOCHS_PER_ROUND]
+    assert [r["lora_epochs"] for r in summary["rounds"]] == [0, demo.POLICY_EPOCHS_PER_ROUND,
+                                                             2 * demo.POLICY_EPOCHS_PER_ROUND]
     assert last["score_mean"] - first["score_mean"] >= demo.REQUIRED_RISE * first["score_std"], summary["rounds"]
     assert summary["learned"]
     # with half the ratings the demo used before the reward ensemble (all 96 images of each round)
     assert summary["ratings_used"] <= demo.ROUNDS * demo.DEMO_SETTINGS["generate_sample_size"] // 2
 
 
+@pytest.mark.stages
 @pytest.mark.slow
 def test_the_measured_seeds_are_fresh_and_the_reward_models_learned_the_rule(demo_run):
-    _, summary = demo_run
+    folder, summary = demo_run
     assert all(r["seeds_trained_on"] == 0 and r["images"] == demo.DEMO_SETTINGS["generate_sample_size"]
                for r in summary["rounds"])
+    # "no overlap" means something only against every seed the policy sampled, and every measured one
+    settings = parse_settings([f"--{k}={v}" for k, v in demo.demo_settings(str(folder)).items()] + ["--device=cpu"])
+    epochs = demo.ROUNDS * demo.POLICY_EPOCHS_PER_ROUND
+    trained_on = demo.policy_seeds(settings, epochs)
+    assert len(trained_on) == epochs * images_per_epoch(settings)
+    measured = [read_round(str(path))["seeds"] for path in sorted(folder.glob("samples/**/round.json"))]
+    assert len(measured) == demo.ROUNDS + 1 and all(len(seeds) == settings.generate_sample_size for seeds in measured)
+    assert not trained_on & {seed for seeds in measured for seed in seeds}
     assert all(r["reward_model_test_pearson"] > config.train_reward_min_correlation for r in summary["rounds"][:-1])
 
 
+@pytest.mark.stages
 @pytest.mark.slow
 def test_the_plots_and_previews_a_person_looks_at_are_pngs(demo_run):
     folder, summary = demo_run

@@ -15,6 +15,9 @@ import sys
 import pytest
 
 from conftest import REPO, TINY_SETTINGS, assert_ok, run_script, stage_paths
+from utils.metrics import read_jsonl
+
+pytestmark = pytest.mark.stages  # every test here runs stage scripts in subprocesses
 
 POLICY = ["--train_sample_batch_size=2", "--train_sample_num_batches_per_epoch=2", "--train_save_freq=1",
           "--train_preview_seeds=0"]
@@ -36,16 +39,11 @@ def launch(stage, probe_dir, *args, cwd, checkpoint):
 
 def probed(probe_dir):
     """[entries of rank 0, entries of rank 1]."""
-    ranks = []
-    for rank in (0, 1):
-        with open(probe_dir / f"rank{rank}.jsonl") as f:
-            ranks.append([json.loads(line) for line in f])
-    return ranks
+    return [read_jsonl(str(probe_dir / f"rank{rank}.jsonl")) for rank in (0, 1)]
 
 
 def metrics(folder):
-    with open(folder / "outputs" / "policy_metrics.jsonl") as f:
-        return [json.loads(line) for line in f]
+    return read_jsonl(str(folder / "outputs" / "policy_metrics.jsonl"))
 
 
 def saved_files(epochs):

@@ -2,7 +2,6 @@
 autocast, and fp16's grad scaler, exactly the code a GPU runs (only the device type differs). A step
 whose loss or gradients are not finite is skipped and counted, and a run of them stops the run."""
 
-import json
 import math
 
 import pytest
@@ -10,12 +9,13 @@ import torch
 
 from conftest import run_script, tiny_denoiser
 from ddpo.lora import add_lora
-from ddpo.precision import MixedPrecision
+from ddpo.precision import MIN_LOSS_SCALE, MixedPrecision
 from ddpo.sampling import sample_with_logprob
 from tools.tiny_checkpoint import tiny_unet
 from train_policy import SKIPPED_STEPS_TO_STOP, count_skipped_steps, train_epoch, training_minibatches
 from utils.errors import UserError
 from utils.lora_files import save_lora
+from utils.metrics import read_jsonl
 
 
 def lora_parameters(unet):
@@ -67,7 +67,11 @@ def test_a_half_precision_step_trains_the_fp32_lora_as_fp32_does(name, half, fp3
     assert set(outputs) == {half}, "autocast runs the UNet in the half dtype"
     assert all(p.dtype == torch.float32 for p in lora_parameters(denoiser.unet))
     assert denoiser.unet.conv_in.weight.dtype == half  # the frozen weights stay half
-    assert precision.loss_scale == (2.0**16 if name == "fp16" else 1.0) or name == "fp16"
+    if name == "fp16":  # from GradScaler's 2^16, halved at each overflow until the minibatch's gradient was finite
+        assert math.log2(precision.loss_scale).is_integer() and MIN_LOSS_SCALE <= precision.loss_scale <= 2.0**16
+        assert precision.clean_minibatches >= 1
+    else:  # bf16 has fp32's range: nothing to scale
+        assert precision.loss_scale == 1.0 and precision.clean_minibatches == 0
     assert torch.isfinite(after).all()
     agreement = same_direction(after - before, fp32_update)
     assert agreement > 0.9, f"only {agreement:.0%} of the LoRA moved as in fp32"
@@ -109,6 +113,7 @@ def test_skipped_steps_in_a_row_stop_the_run_with_the_cause_and_the_setting():
     assert "mixed_precision=bf16" in str(stop.value)
 
 
+@pytest.mark.stages
 def test_a_diverging_run_stops_with_one_sentence_and_saves_no_non_finite_lora(tmp_path, tiny_checkpoint,
                                                                              random_reward_model):
     # a learning rate near float32's limit: the first step's LoRA is huge, the next forward overflows
@@ -120,8 +125,7 @@ def test_a_diverging_run_stops_with_one_sentence_and_saves_no_non_finite_lora(tm
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("error: ") and "not finite" in error and "Traceback" not in result.stderr
     outputs = tmp_path / "outputs"
-    with open(outputs / "policy_metrics.jsonl") as f:
-        records = [json.loads(line) for line in f]
+    records = read_jsonl(str(outputs / "policy_metrics.jsonl"))
     assert sum(r["skipped_steps"] for r in records) >= SKIPPED_STEPS_TO_STOP
     assert not list(outputs.glob("*lora_epoch_*"))  # the run stopped before its first save
     assert math.isfinite(records[0]["loss"])

@@ -10,7 +10,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from test_reward_metrics import brightness_like_round, write_rated_round
+from helpers import brightness_like_round, write_rated_round
 
 from conftest import assert_ok, run_script
 from ddpo.rating_order import next_pairs
@@ -175,6 +175,7 @@ def comparisons_by(offsets, pairs):
     return [{"a": f"{a}.png", "b": f"{b}.png", "winner": "a" if offsets[a] > offsets[b] else "b"} for a, b in pairs]
 
 
+@pytest.mark.stages
 def test_train_reward_learns_from_scores_and_comparisons_of_every_round_with_an_ensemble(tmp_path):
     latents, scores, offsets = brightness_like_round(240)
     samples, old = tmp_path / "samples", tmp_path / "samples" / "history" / "round_001"
@@ -189,8 +190,8 @@ def test_train_reward_learns_from_scores_and_comparisons_of_every_round_with_an_
     result = assert_ok(run_script("train_reward", "--train_reward_num_epochs=15", "--train_reward_batch_size=32",
                                   "--train_reward_test_split_ratio=0.2", "--train_reward_loss=ranking",
                                   "--train_reward_ensemble_size=3", cwd=tmp_path))
-    assert "80 ratings (mean" in result.stdout and "and 303 comparisons: 306 to train on, 77 held out" in result.stdout, \
-        result.stdout
+    assert "80 ratings (mean" in result.stdout, result.stdout
+    assert "and 303 comparisons: 306 to train on, 77 held out" in result.stdout, result.stdout
     assert "each of the 3 CNNs holds out different ones" in result.stdout
     path = str(tmp_path / "models" / "reward_model.safetensors")
     metadata = reward_model_metadata(path)
@@ -215,6 +216,7 @@ def test_train_reward_learns_from_scores_and_comparisons_of_every_round_with_an_
     assert "rating_order.json" in update_rating_order(str(samples), path)
 
 
+@pytest.mark.stages
 def test_a_malformed_comparisons_json_names_the_entry(tmp_path):
     latents, scores, _ = brightness_like_round(20)
     write_rated_round(tmp_path / "samples", latents, scores)

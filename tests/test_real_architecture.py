@@ -14,9 +14,9 @@ import time
 import pytest
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from helpers import PLANNED_SEEDS, planned_round
 from ldm_checkpoint import write_single_file
 from safetensors import safe_open
-from test_checkpoint_file import SEEDS, planned_round
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from conftest import assert_ok, assert_same_image, run_script
@@ -47,6 +47,7 @@ def random_sd15(folder):
     return pipeline
 
 
+@pytest.mark.stages
 @pytest.mark.slow
 def test_sd15s_architecture_runs_every_stage_from_a_folder_and_from_a_single_file(tmp_path):
     started = time.perf_counter()
@@ -57,8 +58,9 @@ def test_sd15s_architecture_runs_every_stage_from_a_folder_and_from_a_single_fil
     with safe_open(single_file, "pt") as f:
         names = list(f.keys())
     weights = len(pipeline.unet.state_dict()) + len(pipeline.vae.state_dict()) + len(pipeline.text_encoder.state_dict())
-    assert len(names) == weights == 1130 and all(n.startswith(("model.diffusion_model.", "first_stage_model.",
-                                                               "cond_stage_model.transformer.text_model.")) for n in names)
+    assert len(names) == weights == 1130
+    prefixes = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model.")
+    assert all(n.startswith(prefixes) for n in names)
     del pipeline  # its tensors go back to the system before the stages load their own copies
     built = time.perf_counter()
 
@@ -77,9 +79,9 @@ def test_sd15s_architecture_runs_every_stage_from_a_folder_and_from_a_single_fil
         seconds[name] = time.perf_counter() - started
         return results
 
-    stage("generate", f"--generate_sample_size={len(SEEDS)}", "--generate_batch_size=3")
+    stage("generate", f"--generate_sample_size={len(PLANNED_SEEDS)}", "--generate_batch_size=3")
     names = round_images(folders["file"] / "samples")
-    assert names == round_images(folders["folder"] / "samples") and len(names) == len(SEEDS)
+    assert names == round_images(folders["folder"] / "samples") and len(names) == len(PLANNED_SEEDS)
     for name in names:  # the same fp16 weights, loaded either way: the same images
         assert_same_image(folders["file"] / "samples", folders["folder"] / "samples", name)
     for folder in folders.values():

@@ -1,7 +1,6 @@
 """A kill loses at most the epoch in progress: train_policy keeps a resume state after every epoch, an
 interrupted save is completed by the next run, and a metrics line half-written by a kill is dropped."""
 
-import json
 import signal
 import subprocess
 import time
@@ -11,7 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import assert_ok, run_script, stage_command
+from utils.metrics import read_jsonl
 from utils.run_state import STATE_FILE
+
+pytestmark = pytest.mark.stages  # every test here runs stage scripts in subprocesses
 
 POLICY = ["--train_sample_batch_size=2", "--train_sample_num_batches_per_epoch=2", "--train_policy_batch_size=2",
           "--train_policy_learning_rate=1e-2", "--train_preview_seeds=0"]
@@ -28,8 +30,7 @@ def policy_args(reward_model, epochs, save_freq):
 
 
 def epochs_in_metrics(folder):
-    with open(folder / "outputs" / "policy_metrics.jsonl") as f:
-        return [json.loads(line)["epoch"] for line in f]
+    return [record["epoch"] for record in read_jsonl(str(folder / "outputs" / "policy_metrics.jsonl"))]
 
 
 @pytest.fixture(scope="module")

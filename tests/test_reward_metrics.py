@@ -11,41 +11,23 @@ import os
 
 import pytest
 import torch
+from helpers import brightness_like_round, write_rated_round
 from PIL import Image
 
 from conftest import assert_ok, run_script, snapshot
 from ddpo.statistics import spearman
-from utils.files import write_json_atomic
+from utils.metrics import read_jsonl
 from utils.reward_files import reward_model_metadata
-from utils.samples import latent_file, save_latent
+
+pytestmark = pytest.mark.stages  # every test here runs stage scripts in subprocesses
 
 N_RATINGS = 200
 REWARD = ["--train_reward_num_epochs=15", "--train_reward_batch_size=32", "--train_reward_test_split_ratio=0.2"]
 PLOT_SIZE = (1000, 360)  # plot_curves: 5 x 3.6 inches per panel at 100 dpi, two panels
 
 
-def write_rated_round(folder, latents, scores, pngs=False):
-    """<i>.png's latent (and, with `pngs`, a small grey PNG) for each latent, and scores.json."""
-    os.makedirs(folder, exist_ok=True)
-    for i, latent in enumerate(latents):
-        save_latent(latent_file(folder, f"{i}.png"), latent)
-        if pngs:
-            Image.new("RGB", (64, 64), (100, 100, 100)).save(os.path.join(folder, f"{i}.png"))
-    write_json_atomic(os.path.join(folder, "scores.json"), {f"{i}.png": int(s) for i, s in enumerate(scores)})
-
-
-def brightness_like_round(n, seed=0):
-    """Latents whose channel 0 carries a per-image offset (as brightness does), scored by that offset."""
-    generator = torch.Generator().manual_seed(seed)
-    offsets = torch.randn(n, generator=generator)
-    latents = torch.randn(n, 4, 8, 8, generator=generator)
-    latents[:, 0] += offsets[:, None, None]
-    return latents, torch.clamp(torch.round(2 * offsets), -5, 5), offsets
-
-
 def read_metrics(folder):
-    with open(os.path.join(folder, "models", "reward_metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return read_jsonl(os.path.join(folder, "models", "reward_metrics.jsonl"))
 
 
 def assert_valid_plot(path):

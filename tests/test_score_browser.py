@@ -7,11 +7,8 @@ import time
 
 import pytest
 from playwright.sync_api import expect, sync_playwright
-from score_round import read_json, serving, write_json, write_round
+from score_round import CHROMIUM, CHROMIUM_ARGS, read_json, serving, write_json, write_round
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 ARTIFACTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "artifacts")
 SEEDS = [3, 8, 15, 21, 42, 77]
 

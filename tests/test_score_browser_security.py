@@ -10,8 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from playwright.sync_api import sync_playwright
-from score_round import read_json, serving, write_round
-from test_score_browser import CHROMIUM, CHROMIUM_ARGS
+from score_round import CHROMIUM, CHROMIUM_ARGS, read_json, serving, write_round
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
                                 reason=f"needs Debian's Chromium at {CHROMIUM} (apt-get install chromium)")

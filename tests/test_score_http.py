@@ -45,7 +45,8 @@ def server(round_folder):
 
 
 def request(base_url, method, path, body=None, headers=None):
-    """(status, headers, body bytes); the path is sent exactly as given (no normalising of ".."), as an attacker would."""
+    """(status, headers, body bytes); the path is sent exactly as given (no normalising of ".."), as an attacker
+    would."""
     connection = http.client.HTTPConnection(urlsplit(base_url).netloc, timeout=10)
     connection.putrequest(method, path, skip_accept_encoding=True)
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
@@ -280,6 +281,7 @@ def test_only_loopback_hosts_go_without_a_warning():
     assert not score.is_loopback("0.0.0.0") and not score.is_loopback("192.168.1.5") and not score.is_loopback("mybox")
 
 
+@pytest.mark.stages
 def test_the_script_prints_its_address_serves_and_stops_cleanly_on_ctrl_c(round_folder):
     process = subprocess.Popen(
         [sys.executable, "-u", os.path.join(REPO, "score.py"), f"--sample_path={round_folder}",
@@ -300,6 +302,7 @@ def test_the_script_prints_its_address_serves_and_stops_cleanly_on_ctrl_c(round_
     assert read_json(round_folder / "scores.json") == {"33.png": 2}
 
 
+@pytest.mark.stages
 def test_a_bad_setting_is_one_line_not_a_traceback(round_folder):
     result = subprocess.run([sys.executable, os.path.join(REPO, "score.py"), "--score_port=99999"],
                             cwd=REPO, capture_output=True, text=True, timeout=60)
@@ -366,8 +369,8 @@ def test_comparisons_are_appended_at_once_and_answered_with_a_new_pair(round_fol
         "a": None, "b": None, "comparisons": 3}  # three images make three pairs, each asked once
     saved = read_json(round_folder / "comparisons.json")
     assert [c["winner"] for c in saved] == ["b", "tie", "a"]
-    assert {frozenset((c["a"], c["b"])) for c in saved} == {frozenset(p) for p in
-                                                             [("2.png", "10.png"), ("2.png", "33.png"), ("10.png", "33.png")]}
+    pairs = [("2.png", "10.png"), ("2.png", "33.png"), ("10.png", "33.png")]
+    assert {frozenset((c["a"], c["b"])) for c in saved} == {frozenset(p) for p in pairs}
     assert not (round_folder / "scores.json").exists() and not glob.glob(str(round_folder / ".*tmp"))
     from utils.ratings import read_comparisons
     assert read_comparisons(str(round_folder / "comparisons.json")) == saved

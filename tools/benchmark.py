@@ -40,22 +40,15 @@ from ddpo.sampling import Denoiser, schedule_on, sdxl_time_ids
 from ddpo.training_calls import set_gradient_checkpointing, training_call_candidates
 from tools.footprint import meta_unet_inputs, training_activation_bytes, weight_bytes
 from train_policy import load_models, run_epoch
+from utils.checkpoint import CONFIGS
 from utils.cli import SettingsError, parse_settings, trained_timesteps
 
-SD15_UNET = dict(  # SD1.5's unet/config.json; random weights
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
-)
-SDXL_UNET = dict(  # SDXL base 1.0's unet/config.json (2.57B parameters); random weights
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
-    cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816, norm_num_groups=32,
-)
+
+def real_unet_config(arch):
+    """SD1.5's or SDXL base 1.0's (2.57B parameters) unet/config.json, as shipped in utils/configs/; random weights."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.load_config(str(CONFIGS / arch / "unet"))
 
 
 # Dense fp16/bf16 tensor-core peaks from NVIDIA's datasheets (TFLOP/s, without sparsity); others: --peak_tflops.
@@ -146,7 +139,7 @@ def build_models(arch, settings, device, dtype, scratch):
 
     # Only the UNet: with train_offload_frozen, train_policy's text encoders and VAE are not on the device either.
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**(SD15_UNET if arch == "sd15" else SDXL_UNET)).to(device, dtype)
+    unet = UNet2DConditionModel.from_config(real_unet_config(arch)).to(device, dtype)
     embeds = [torch.randn(1, 77, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(i))
               .to(device, dtype) for i in (0, 1)]
     conditioning = {"positive_embeds": embeds[0], "negative_embeds": embeds[1]}
@@ -245,7 +238,7 @@ def count_only(arch, settings, trained_steps, gpu_sizes_gib):
     from tools.tiny_checkpoint import tiny_sdxl_unet, tiny_unet
 
     diffusers_logging.set_verbosity_error()  # casting the meta UNet to fp16 warns, though nothing is lost
-    config = {"sd15": SD15_UNET, "sdxl": SDXL_UNET}.get(arch) or dict(
+    config = real_unet_config(arch) if arch in ("sd15", "sdxl") else dict(
         (tiny_unet() if arch == "tiny" else tiny_sdxl_unet()).config)
     dtype = WEIGHT_DTYPES[resolve_mixed_precision(settings.mixed_precision, "cuda")]  # as on the GPU it estimates
     frozen, lora_state = weight_bytes(config, settings.lora_rank, dtype)
