@@ -106,6 +106,7 @@ def test_a_broken_checkpoint_file_is_one_sentence_naming_it(broken, case, tiny_c
     assert "as code" not in sentence  # only a pickle that holds objects is said to hold code
 
 
+@pytest.mark.stages
 def test_stages_given_broken_files_write_nothing(broken, tmp_path_factory, tiny_checkpoint, tiny_sdxl_checkpoint):
     cases = ["HTML page as ckpt", "SDXL file without its text projection", "tensor of the wrong shape"]
     folders = {case: tmp_path_factory.mktemp("stage") for case in cases}

@@ -109,6 +109,7 @@ def test_the_default_layout_and_a_checkpoint_in_model_path_pass(tmp_path):
     parse_settings(["--device=cpu", f"--model_path={tmp_path}/models", f"--checkpoint_path={tmp_path}/models/sd.ckpt"])
 
 
+@pytest.mark.stages
 def test_generate_refuses_a_lora_path_inside_the_samples_folder_and_touches_nothing(tmp_path, tiny_checkpoint):
     samples = tmp_path / "samples"
     rated_round(samples)

@@ -209,6 +209,7 @@ def test_a_loss_scale_is_taken_over_only_from_an_fp16_state(tmp_path, tiny_check
 
 # ---------------------------------------------------------------- a kill during the first epoch
 
+@pytest.mark.stages
 def test_a_kill_during_the_first_epoch_leaves_one_metrics_line_per_epoch(tmp_path, tiny_checkpoint,
                                                                         random_reward_model):
     crash = {"ALMOSTPERFECT_CRASH_AT": "train_policy.metrics_written"}  # after epoch 1's line, before its state

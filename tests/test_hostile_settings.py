@@ -63,6 +63,7 @@ def rated(tmp_path):
 
 # ---------------------------------------------------------------- a prompt that is not UTF-8
 
+@pytest.mark.stages
 def test_a_prompt_that_is_not_utf8_on_the_command_line_is_one_sentence(tmp_path, tiny_checkpoint):
     command, env = stage_command("generate", "--generate_sample_size=1", cwd=tmp_path, checkpoint=tiny_checkpoint)
     result = subprocess.run([os.fsencode(part) for part in command] + [b"--prompt=a neon sign \xff\xfe"], cwd=tmp_path,
@@ -196,6 +197,7 @@ def test_a_temp_file_in_the_way_is_not_what_the_error_names(tmp_path, writer):
 
 # ---------------------------------------------------------------- one train_reward per models/ folder
 
+@pytest.mark.stages
 def test_a_second_train_reward_on_one_models_folder_is_refused(rated, tmp_path):
     samples, arguments, settings = rated
     models = tmp_path / "models"

@@ -170,6 +170,7 @@ def test_a_batch_of_several_prompts_makes_each_image_as_its_prompt_alone(family,
     assert (batch[0] - batch[1]).abs().max() > 1e-2  # and the prompts do make other images
 
 
+@pytest.mark.stages
 def test_one_line_file_makes_the_same_images_as_the_prompt_setting(tmp_path, tiny_checkpoint):
     line = "a lighthouse at dusk"
     one_line = write_prompt_file(tmp_path / "one.txt", f"# one prompt\n{line}\n")
@@ -187,6 +188,7 @@ def test_one_line_file_makes_the_same_images_as_the_prompt_setting(tmp_path, tin
     assert round_json(by_file)["prompts"] == {"3": line, "4": line, "5": line}
 
 
+@pytest.mark.stages
 def test_an_interrupted_and_resumed_round_keeps_each_seeds_prompt(tmp_path, tiny_checkpoint, prompt_file):
     args = [f"--prompt_file={prompt_file}", NO_LORA, "--generate_batch_size=1"]
     assert_ok(run_script("generate", *args, "--generate_sample_size=2", cwd=tmp_path, checkpoint=tiny_checkpoint))
@@ -233,6 +235,7 @@ def test_two_processes_give_each_seed_the_prompt_and_image_one_process_gives(mix
         assert_same_image(samples, two, f"{seed}.png")
 
 
+@pytest.mark.stages
 def test_a_changed_prompt_file_starts_a_new_round_and_keeps_the_old_one(tmp_path, tiny_checkpoint):
     path = write_prompt_file(tmp_path / "prompts.txt")
     args = [f"--prompt_file={path}", NO_LORA, "--generate_sample_size=2"]
@@ -268,6 +271,7 @@ MALFORMED = {  # file content -> what the one sentence says
 }
 
 
+@pytest.mark.stages
 def test_a_malformed_prompt_file_stops_generate_with_one_sentence_naming_it(tmp_path, tiny_checkpoint):
     calls = []
     for name, (content, _) in MALFORMED.items():

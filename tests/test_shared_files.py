@@ -164,6 +164,7 @@ def trained(tmp_path_factory, tiny_checkpoint, tiny_sdxl_checkpoint):
     return {family: (root, folder, result) for (family, (root, folder, _)), result in zip(runs.items(), results)}
 
 
+@pytest.mark.stages
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_what_train_policy_writes_for_sharing_holds_no_local_path(trained, family):
     root, folder, result = trained[family]
