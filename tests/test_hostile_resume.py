@@ -22,6 +22,8 @@ from utils.errors import UserError
 from utils.pipeline import load_pipeline
 from utils.run_state import STATE_FILE, load_run_state, resume_training, save_run_state
 
+pytestmark = pytest.mark.stages  # a trained run in a module fixture: train_policy in a subprocess
+
 POLICY = ["--train_sample_batch_size=2", "--train_sample_num_batches_per_epoch=1", "--train_policy_batch_size=2",
           "--train_policy_learning_rate=1e-2", "--train_preview_seeds="]
 

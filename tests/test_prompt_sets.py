@@ -130,6 +130,7 @@ def mixed_round(tmp_path_factory, tiny_checkpoint, prompt_file, zero_lora):
     return folder / "samples", args
 
 
+@pytest.mark.stages
 def test_round_json_and_every_png_carry_each_seeds_own_prompt(mixed_round, prompt_file, zero_lora):
     samples, _ = mixed_round
     current = round_json(samples)
@@ -143,6 +144,7 @@ def test_round_json_and_every_png_carry_each_seeds_own_prompt(mixed_round, promp
     assert all("{" not in prompt for prompt in current["prompts"].values())  # variants chosen
 
 
+@pytest.mark.stages
 def test_each_image_of_a_mixed_batch_is_its_own_prompts_image(mixed_round, pipeline):
     samples, _ = mixed_round
     for prompt in {prompt_for_seed(LINES, seed) for seed in SEEDS}:
@@ -224,6 +226,7 @@ def launch_two_processes(*args, cwd, checkpoint):
     return assert_ok(subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300))
 
 
+@pytest.mark.stages
 def test_two_processes_give_each_seed_the_prompt_and_image_one_process_gives(mixed_round, tmp_path, tiny_checkpoint):
     samples, args = mixed_round
     plan_seeds(tmp_path, tiny_checkpoint, SEEDS, *args)
