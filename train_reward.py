@@ -132,7 +132,8 @@ def load_ratings(settings, device):
         family = encode_images(settings, unencoded, latents, device)
         families = [family if f is None else f for f in families]
     if not latents:
-        raise UserError(f"no rated images found in {settings.score_path} (or history): rate some with `python score.py`.")
+        raise UserError(f"no rated images found in {settings.score_path} (or history): rate some with "
+                        "`python score.py`.")
     kinds = [(tuple(x.shape), f) for x, f in zip(latents, families)]
     common = max(set(kinds), key=kinds.count)
     shape, family = common
@@ -180,7 +181,8 @@ def encode_images(settings, unencoded, latents, device, size=None):
 def rank_folder(settings, device):
     """--rank_folder: the trained model's score of every image in a folder, printed best first."""
     folder = settings.rank_folder
-    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS)) if os.path.isdir(folder) else []
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS)) \
+        if os.path.isdir(folder) else []
     if not names:
         raise UserError(f"--rank_folder={folder!r} is not a folder with .png, .jpg or .webp images in it.")
     model = load_reward_model(settings.reward_model_path, device)
@@ -210,7 +212,8 @@ def rank_folder(settings, device):
     shown = ranking if len(ranking) <= SHEET_IMAGES else ranking[:SHEET_IMAGES // 2] + ranking[-(SHEET_IMAGES // 2):]
     contact_sheet(sheet_path, [os.path.join(folder, e["image"]) for e in shown],
                   [f"#{e['rank']}  {e['score']:+.2f}\n{short_name(e['image'])}" for e in shown])
-    print(f"full ranking in {json_path}; {'all images' if shown is ranking else f'the best and worst {SHEET_IMAGES // 2}'}"
+    shown_what = 'all images' if shown is ranking else f'the best and worst {SHEET_IMAGES // 2}'
+    print(f"full ranking in {json_path}; {shown_what}"
           f" in rank order in {sheet_path}")
 
 

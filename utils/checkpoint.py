@@ -119,7 +119,8 @@ def folder_family(path):
     index_path = os.path.join(path, "model_index.json")
     if not os.path.isfile(index_path):
         raise UserError(f"{path} is a folder without model_index.json, so not a diffusers checkpoint: point "
-                        "checkpoint_path at the folder that holds model_index.json, or at a .safetensors checkpoint file.")
+                        "checkpoint_path at the folder that holds model_index.json, or at a .safetensors checkpoint "
+                        "file.")
     index = _read_json(index_path)
     family = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}.get(index.get("_class_name"))
     if family is None:
@@ -137,7 +138,8 @@ def folder_family(path):
     if unet.get("in_channels", 4) != 4:
         raise UserError(f"{path} is an inpainting checkpoint ({unet['in_channels']} input channels), which cannot "
                         "generate from noise alone; use the base model it was made from.")
-    if family == "sd15" and (unet.get("cross_attention_dim") == 1024 or scheduler.get("prediction_type") == "v_prediction"):
+    sd2_like = unet.get("cross_attention_dim") == 1024 or scheduler.get("prediction_type") == "v_prediction"
+    if family == "sd15" and sd2_like:
         raise UserError(f"{path} is {OTHER_FAMILIES['v2']}; use an SD1.x or SDXL base checkpoint.")
     return family
 
@@ -262,7 +264,8 @@ def file_family(path):
 
     if not has("model.diffusion_model."):
         raise UserError(f"{path} is {_what_else(shapes)}, not a Stable Diffusion checkpoint (it has no "
-                        "model.diffusion_model.* UNet weights); point checkpoint_path at a full SD1.x or SDXL checkpoint.")
+                        "model.diffusion_model.* UNet weights); point checkpoint_path at a full SD1.x or SDXL "
+                        "checkpoint.")
     # diffusers' own detection, run on shape-only tensors so that no weight is read
     try:
         model_type = infer_diffusers_model_type({k: torch.empty(s, device="meta") for k, s in shapes.items()})
@@ -318,7 +321,8 @@ def clip_tokenizers(family):
     """CLIP's tokenizer from the vocabulary that comes with the project; SDXL's second one pads with "!"."""
     tokenizers = {"tokenizer": CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER), model_max_length=77)}
     if family == "sdxl":
-        tokenizers["tokenizer_2"] = CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER), model_max_length=77, pad_token="!")
+        tokenizers["tokenizer_2"] = CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER), model_max_length=77,
+                                                                  pad_token="!")
     return tokenizers
 
 
@@ -344,7 +348,8 @@ def _from_single_file(path, family, folder, own_config, dtype):
                             "or for a fine-tune with another architecture set checkpoint_config to a diffusers folder "
                             "of its base model.") from None
         raise UserError(f"{path} does not fit {source} ({str(error).strip().splitlines()[0]}); for a fine-tune "
-                        "with another architecture set checkpoint_config to a diffusers folder of its base model.") from None
+                        "with another architecture set checkpoint_config to a diffusers folder of its base "
+                        "model.") from None
     finally:
         diffusers_logging.set_verbosity(verbosity)
     _refuse_missing_weights(path, pipeline)
