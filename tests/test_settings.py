@@ -94,3 +94,12 @@ def test_help_lists_every_setting_the_stage_reads(stage):
     listed = set(importlib.import_module(stage).USED_SETTINGS)
     assert read <= listed, f"{stage}.USED_SETTINGS lacks {sorted(read - listed)}"
     assert listed <= set(defaults())
+
+
+def test_every_setting_of_config_py_has_exactly_one_type():
+    """config.py's own values are type-checked from these tables: a setting missing from them goes unchecked."""
+    from utils.cli import BOOL_OR_AUTO, BOOLEANS, INTEGERS, NUMBERS, TEXTS, defaults
+    tables = [INTEGERS, NUMBERS, BOOLEANS, BOOL_OR_AUTO, TEXTS]
+    assert all(sum(name in table for table in tables) == 1 for name in defaults()), \
+        [name for name in defaults() if sum(name in table for table in tables) != 1]
+    assert set().union(*tables) == set(defaults())

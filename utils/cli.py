@@ -61,7 +61,7 @@ BOOLEANS = {"generate_vae_slicing", "generate_vae_tiling", "score_open_browser",
 TEXTS = {"sample_path", "score_path", "comparison_path", "model_path", "checkpoint_path", "checkpoint_config",
          "reward_model_path", "lora_path", "lora_name_prefix", "device", "mixed_precision", "attention_backend",
          "generate_lora", "prompt", "prompt_file", "negative_prompt", "score_host", "train_reward_loss", "rank_folder",
-         "train_preview_seeds"}
+         "train_preview_seeds", "train_reward_recipe"}
 
 
 def _config():
