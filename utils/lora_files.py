@@ -1,6 +1,9 @@
 """Saved LoRAs: write them (diffusers + WebUI/kohya formats, with metadata and a card), find and load them."""
 
+import collections
 import datetime
+import hashlib
+import json
 import os
 import re
 
@@ -15,6 +18,7 @@ from ddpo.lora import kohya_state_dict, lora_alpha
 from utils.checkpoint import sha256_of_file
 from utils.errors import UserError
 from utils.files import writing
+from utils.prompts import prompt_lines
 
 # What kohya's trainers write for the base model (ss_base_model_version, modelspec.architecture and
 # .implementation): WebUI sorts LoRAs by it and hides those of another base model.
@@ -61,14 +65,41 @@ def save_lora(unet, folder, epoch, prefix="", metadata=None, family="sd15"):
     return paths["diffusers"], paths["ui"]
 
 
-def lora_metadata(settings, epoch, unet, base_model="sd15"):
+PROMPTS_LISTED = 20  # lines of a prompt list written out in full; a longer list: its sha256, count and first lines
+WORDS = re.compile(r"[^\W_]+(?:'[^\W_]+)*")  # a word of a prompt: letters and digits, with inner apostrophes
+
+
+def prompt_metadata(settings, lines):
+    """The header entries that say which prompts a LoRA was trained on (`lines`, the prompt list).
+
+    almostperfect.prompts: the lines as a JSON list, or for more than PROMPTS_LISTED the first of them with
+    almostperfect.prompt_count and .prompts_sha256 (of the lines joined by newlines); almostperfect.prompt,
+    the single prompt, without a prompt_file. ss_tag_frequency: kohya's {dataset: {tag: count}}, here each
+    word of the lines (variants included) and how many lines hold it, which WebUI shows as the LoRA's tags.
+    """
+    words = collections.Counter(word for line in lines for word in set(WORDS.findall(line.lower())))
+    dataset = os.path.basename(settings.prompt_file) if settings.prompt_file else "prompt"
+    entries = {"ss_tag_frequency": json.dumps({dataset: dict(words.most_common())}),
+               "almostperfect.prompts": json.dumps(lines[:PROMPTS_LISTED], ensure_ascii=False)}
+    if len(lines) > PROMPTS_LISTED:
+        entries["almostperfect.prompt_count"] = str(len(lines))
+        entries["almostperfect.prompts_sha256"] = hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    if not settings.prompt_file:
+        entries["almostperfect.prompt"] = settings.prompt
+    return entries
+
+
+def lora_metadata(settings, epoch, unet, base_model="sd15", lines=None):
     """The ui_lora file's header: the ss_* and modelspec.* keys kohya's trainers write (and WebUI and ComfyUI
-    show), and what this LoRA was trained for (prompt, epoch, reward model). All values are strings."""
+    show), and what this LoRA was trained for (prompts, epoch, reward model). All values are strings.
+    `lines`: the prompt list it was trained on (prompt_lines(settings) when None)."""
+    lines = lines or prompt_lines(settings)
     output_name = os.path.basename(epoch_files("", epoch, settings.lora_name_prefix)["ui"]).removesuffix(".safetensors")
     version, architecture, implementation = BASE_MODELS[base_model]
     reward_model = os.path.basename(settings.reward_model_path)
     reward_hash = sha256_of_file(settings.reward_model_path) if os.path.isfile(settings.reward_model_path) else ""
-    description = (f"DDPO LoRA (AlmostPerfect) for the prompt {settings.prompt!r}, epoch {epoch}, trained against "
+    prompts = f"the prompt {lines[0]!r}" if len(lines) == 1 else f"{len(lines)} prompts (the first {lines[0]!r})"
+    description = (f"DDPO LoRA (AlmostPerfect) for {prompts}, epoch {epoch}, trained against "
                    f"the reward model {reward_model}; load it on the base model {settings.checkpoint_path}.")
     return {
         "ss_network_module": "networks.lora", "ss_network_dim": str(settings.lora_rank),
@@ -82,7 +113,7 @@ def lora_metadata(settings, epoch, unet, base_model="sd15"):
         "modelspec.resolution": f"{settings.width}x{settings.height}",
         "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
         "modelspec.prediction_type": "epsilon", "modelspec.description": description,
-        "almostperfect.prompt": settings.prompt, "almostperfect.negative_prompt": settings.negative_prompt,
+        **prompt_metadata(settings, lines), "almostperfect.negative_prompt": settings.negative_prompt,
         "almostperfect.epoch": str(epoch), "almostperfect.reward_model": os.path.abspath(settings.reward_model_path),
         "almostperfect.reward_model_sha256": reward_hash,
         "almostperfect.checkpoint": os.path.abspath(settings.checkpoint_path),
