@@ -165,7 +165,8 @@ def run_epoch(settings, epoch, accelerator, sampler, trainer, optimizer, precisi
     `prompts` (utils/conditioning.py PromptSet) draws the epoch's prompt groups and holds their conditioning.
     `training_call` (checkpointing, timesteps per call) is fitted on this epoch's samples when None.
     `after_sampling` runs between the phases (the benchmark reads memory there).
-    Returns {"rewards" (all images,), "stats", "steps" (outcomes), "training_call", "seconds", "cpu_seconds"}.
+    Returns {"rewards" (all images,), "prompts" (of each prompt group), "stats", "steps" (outcomes), "training_call",
+    "seconds", "cpu_seconds"}.
     """
     synchronize = torch.cuda.synchronize if accelerator.device.type == "cuda" else lambda: None
     clocks = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -208,7 +209,8 @@ def run_epoch(settings, epoch, accelerator, sampler, trainer, optimizer, precisi
              for key, value in stats.items()}
     synchronize()
     trained = {name: clock() for name, clock in clocks.items()}
-    return {"rewards": all_rewards, "stats": stats, "steps": steps, "training_call": training_call,
+    return {"rewards": all_rewards, "prompts": texts[::images_per_prompt(settings)], "stats": stats, "steps": steps,
+            "training_call": training_call,
             "seconds": {"sampling": sampled["wall"] - started["wall"], "training": trained["wall"] - sampled["wall"]},
             "cpu_seconds": {"sampling": sampled["cpu"] - started["cpu"], "training": trained["cpu"] - sampled["cpu"]}}
 
@@ -225,8 +227,7 @@ def load_models(settings, checkpoint_path, device, dtype):
     return pipeline, prompts
 
 
-def save_preview(path, pipeline, sampler, reward_model, prompts, seeds, texts, epoch, height, width,
-                 num_inference_steps):
+def save_preview(path, pipeline, sampler, reward_model, prompts, seeds, texts, height, width, num_inference_steps):
     """Fixed seeds x preview prompts `texts`, without the LoRA and with it, each with its reward, so a person
     sees what the LoRA does, and whether it does it to a prompt it was not trained on. Rows: per prompt, the
     base model's, then the LoRA's."""
@@ -238,7 +239,7 @@ def save_preview(path, pipeline, sampler, reward_model, prompts, seeds, texts, e
             generators = [torch.Generator().manual_seed(s) for s in seeds]
             record = sample_with_logprob(denoiser, generators, height, width, num_inference_steps)
             latents.append(record["latents"][:, -1])
-            captions += [(f"{f'epoch {epoch}' if with_lora else 'base'}  seed {s}", text) for s in seeds]
+            captions += [(f"{'LoRA' if with_lora else 'base'} seed {s}", text) for s in seeds]
     latents = torch.cat(latents)  # (prompts x 2 x seeds, 4, h/8, w/8)
     vae_home = pipeline.vae.device
     pipeline.vae.to(sampler.positive_embeds.device)
@@ -246,7 +247,7 @@ def save_preview(path, pipeline, sampler, reward_model, prompts, seeds, texts, e
     pipeline.vae.to(vae_home)
     thumbnail = min(max(height, width, 128), 384)
     characters = thumbnail // 7  # what fits under a thumbnail in the sheet's 13 px font
-    captions = [f"{head}  {r:+.2f}\n{text if len(text) <= characters else text[:characters - 1] + '…'}"
+    captions = [f"{head} {r:+.2f}\n{text if len(text) <= characters else text[:characters - 1] + '…'}"
                 for (head, text), r in zip(captions, reward_model(latents).tolist())]
     contact_sheet(path, images, captions, thumbnail=thumbnail, columns=len(seeds))
     return images[len(seeds):2 * len(seeds)]  # the LoRA's row of the first prompt
@@ -269,8 +270,7 @@ def save_epoch(settings, epoch, pipeline, sampler, optimizer, reward_model, prom
     written = [files["optimizer"]]
     if seeds_to_preview:
         lora_images = save_preview(files["preview"], pipeline, sampler, reward_model, prompts, seeds_to_preview,
-                                   prompts_to_preview, epoch, settings.height, settings.width,
-                                   settings.num_inference_steps)
+                                   prompts_to_preview, settings.height, settings.width, settings.num_inference_steps)
         written += [files["preview"], save_lora_card(settings.lora_path, epoch, settings.lora_name_prefix, lora_images[0])]
     family = model_family(pipeline)
     metadata = lora_metadata(settings, epoch, sampler.unet, family, prompts.lines)
@@ -360,7 +360,8 @@ def train(settings, accelerator):
                    "reward_std": rewards.std(correction=0).item(), **stats,
                    "skipped_steps": sum(outcome != "ok" for outcome in result["steps"]),
                    **({"loss_scale": precision.loss_scale} if precision.name == "fp16" else {}),
-                   "sampling_seconds": seconds["sampling"], "training_seconds": seconds["training"]}
+                   "sampling_seconds": seconds["sampling"], "training_seconds": seconds["training"],
+                   **({"prompts": result["prompts"]} if settings.prompt_file else {})}  # the epoch's, one per group
         if accelerator.is_main_process:
             if not lora_is_finite(sampler.unet):
                 raise UserError(f"the LoRA's weights are not finite after epoch {epoch}; nothing of this epoch was "
