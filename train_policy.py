@@ -317,7 +317,7 @@ def train(settings, accelerator):
     # Sampling needs no gradient sync between processes: it calls the unwrapped UNet.
     sampler = Denoiser(accelerator.unwrap_model(unet), pipeline.scheduler, guidance_scale=settings.guidance_scale,
                        eta=settings.eta, autocast=precision.autocast,
-                       **prompts.conditioning(prompts.lines[0]))  # each batch replaces the prompt with its own
+                       **prompts.conditioning(prompts.first))  # each batch replaces the prompt with its own
     trainer = replace(sampler, unet=torch.compile(unet) if settings.train_compile else unet)
     if first_epoch > 1 and is_save_epoch(settings, first_epoch - 1) and accelerator.is_main_process and \
             not os.path.isfile(epoch_files(settings.lora_path, first_epoch - 1, settings.lora_name_prefix)["diffusers"]):

@@ -196,7 +196,7 @@ def measure(arch, settings, epochs, memory_limit_gib=None):
     optimizer = torch.optim.AdamW(lora_parameters, lr=settings.train_policy_learning_rate)
     unet = accelerator.prepare(unet)
     sampler = Denoiser(accelerator.unwrap_model(unet), scheduler, guidance_scale=settings.guidance_scale,
-                       eta=settings.eta, autocast=precision.autocast, **prompts.conditioning(prompts.lines[0]))
+                       eta=settings.eta, autocast=precision.autocast, **prompts.conditioning(prompts.first))
     trainer = replace(sampler, unet=torch.compile(unet) if settings.train_compile else unet)
     result = {"precision": precision.name, "unet_parameters": sum(p.numel() for p in sampler.unet.parameters()),
               "lora_parameters": sum(p.numel() for p in lora_parameters), "memory_after_load": memory.now(),

@@ -11,11 +11,13 @@ on the CPU they would need fp32 weights (CPU half matmuls are slow or missing) a
 Each text is encoded alone, so its embedding is a function of the text, whatever else an epoch draws.
 """
 
+import random
+
 import torch
 
 from ddpo.sampling import PROMPT_KEYS, positive_conditioning, prompt_conditioning, prompt_record
 from utils.pipeline import text_encoders
-from utils.prompts import epoch_prompts, expansion_count, expansions
+from utils.prompts import epoch_prompts, expand, expansion_count, expansions
 
 ENCODED_UP_FRONT = 256  # distinct prompts; SDXL's 256 x 77 x 2048 fp16 embeddings take 80 MB of the GPU
 
@@ -39,13 +41,15 @@ class PromptSet:
 
     `encode` maps texts to {text: prompt_conditioning's dict of (1, ...) tensors} (pipeline_encoder). The
     cache holds each text's positive half as sample-record entries (prompt_record); the negative prompt's
-    conditioning, the same for every text, is kept once.
+    conditioning, the same for every text, is kept once. `first` is a text of the first line, for whatever
+    needs one prompt (the Denoiser's own, before each batch gives it its images' prompts).
     """
 
     def __init__(self, lines, encode, encoded_up_front=ENCODED_UP_FRONT):
         self.lines, self.encode, self.cache = lines, encode, {}
+        self.first = expand(lines[0], random.Random(0))
         self.all_up_front = sum(expansion_count(line) for line in lines) <= encoded_up_front
-        self.add(sorted(set().union(*(expansions(line) for line in lines))) if self.all_up_front else [lines[0]])
+        self.add(sorted(set().union(*(expansions(line) for line in lines))) if self.all_up_front else [self.first])
 
     def add(self, texts):
         """Encode those of `texts` not encoded yet."""

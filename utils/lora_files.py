@@ -65,26 +65,28 @@ def save_lora(unet, folder, epoch, prefix="", metadata=None, family="sd15"):
     return paths["diffusers"], paths["ui"]
 
 
-PROMPTS_LISTED = 20  # lines of a prompt list written out in full; a longer list: its sha256, count and first lines
+PROMPTS_LISTED = 20  # lines of a prompt list written out in full; of a longer one, the first of them
 WORDS = re.compile(r"[^\W_]+(?:'[^\W_]+)*")  # a word of a prompt: letters and digits, with inner apostrophes
 
 
 def prompt_metadata(settings, lines):
     """The header entries that say which prompts a LoRA was trained on (`lines`, the prompt list).
 
-    almostperfect.prompts: the lines as a JSON list, or for more than PROMPTS_LISTED the first of them with
-    almostperfect.prompt_count and .prompts_sha256 (of the lines joined by newlines); almostperfect.prompt,
-    the single prompt, without a prompt_file. ss_tag_frequency: kohya's {dataset: {tag: count}}, here each
-    word of the lines (variants included) and how many lines hold it, which WebUI shows as the LoRA's tags.
+    almostperfect.prompt_lines: the lines as a JSON list, only the first PROMPTS_LISTED of a longer list,
+    whose almostperfect.prompt_count says how many there are; with a prompt_file also
+    almostperfect.prompt_lines_sha256 (of the lines joined by newlines, as round.json records it);
+    without one almostperfect.prompt, the single prompt. ss_tag_frequency: kohya's {dataset: {tag: count}},
+    here each word of the lines (variants included) and how many lines hold it: WebUI shows them as the
+    LoRA's training tags.
     """
     words = collections.Counter(word for line in lines for word in set(WORDS.findall(line.lower())))
     dataset = os.path.basename(settings.prompt_file) if settings.prompt_file else "prompt"
-    entries = {"ss_tag_frequency": json.dumps({dataset: dict(words.most_common())}),
-               "almostperfect.prompts": json.dumps(lines[:PROMPTS_LISTED], ensure_ascii=False)}
-    if len(lines) > PROMPTS_LISTED:
-        entries["almostperfect.prompt_count"] = str(len(lines))
-        entries["almostperfect.prompts_sha256"] = hashlib.sha256("\n".join(lines).encode()).hexdigest()
-    if not settings.prompt_file:
+    entries = {"ss_tag_frequency": json.dumps({dataset: dict(words.most_common())}, ensure_ascii=False),
+               "almostperfect.prompt_lines": json.dumps(lines[:PROMPTS_LISTED], ensure_ascii=False),
+               "almostperfect.prompt_count": str(len(lines))}
+    if settings.prompt_file:
+        entries["almostperfect.prompt_lines_sha256"] = hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+    else:
         entries["almostperfect.prompt"] = settings.prompt
     return entries
 

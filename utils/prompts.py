@@ -98,17 +98,6 @@ def epoch_prompts(lines, seed, epoch, groups):
     return prompts
 
 
-def prompt_for_seed(lines, seed):
-    """The prompt of the image with this seed: a line, then its variants, drawn by the seed alone.
-
-    A list of one line without variants gives that line for every seed, so the single prompt is unchanged.
-    """
-    if len(lines) == 1 and not VARIANTS.search(lines[0]):
-        return lines[0]
-    rng = random.Random(seed)
-    return expand(lines[rng.randrange(len(lines))], rng)
-
-
 # Previews show one prompt the LoRA was not trained on: the first of these not in the list.
 HELD_OUT_PREVIEW_PROMPTS = ("a photo of a city street", "a photo of a living room")
 
@@ -131,6 +120,17 @@ def preview_prompts(settings):
 def prompt_summary(lines):
     """One line naming the prompts, for a plot's title or a description."""
     return repr(lines[0]) if len(lines) == 1 else f"{len(lines)} prompts ({lines[0]!r}, ...)"
+
+
+def prompt_for_seed(lines, seed):
+    """The prompt of the image with this seed: a line, then its variants, drawn by the seed alone.
+
+    A list of one line without variants gives that line for every seed, so the single prompt is unchanged.
+    """
+    if len(lines) == 1 and not VARIANTS.search(lines[0]):
+        return lines[0]
+    rng = random.Random(seed)
+    return expand(lines[rng.randrange(len(lines))], rng)
 
 
 def longest_expansions(line):
