@@ -8,6 +8,7 @@ and an image's advantage is its reward minus the mean reward of the images with 
 the epoch's std.
 """
 
+import hashlib
 import json
 import random
 
@@ -21,11 +22,13 @@ from conftest import assert_ok, run_scripts
 from ddpo.lora import add_lora
 from ddpo.ppo import compute_advantages
 from ddpo.precision import MixedPrecision
+from ddpo.reward_model import LatentRewardModel
 from ddpo.sampling import Denoiser, sample_with_logprob
 from train_policy import prompt_groups, sample_epoch, train_epoch, training_minibatches
 from utils.conditioning import PromptSet, pipeline_encoder
 from utils.pipeline import load_pipeline
 from utils.prompts import epoch_prompts, expand
+from utils.reward_files import save_reward_model
 
 IMAGES, STEPS, GUIDANCE, ETA, SIZE = 8, 3, 5.0, 1.0, 64
 CLIP_RANGE, ADV_CLIP_MAX, SHUFFLE_SEED, LEARNING_RATE = 1e-4, 2.0, 11, 1e-2
@@ -221,24 +224,30 @@ def metrics(folder):
 
 
 @pytest.fixture(scope="module")
-def stage_runs(tmp_path_factory, tiny_checkpoint, random_reward_model):
+def stage_runs(tmp_path_factory, tiny_checkpoint, tiny_sdxl_checkpoint, random_reward_model):
     """train_policy runs: one-line file vs prompt; a 4-line list straight for 2 epochs, for 1 then resumed
-    to 2, and (launched apart) on 2 processes."""
+    to 2, and (launched apart) on 2 processes; the list on the tiny SDXL model."""
     root = tmp_path_factory.mktemp("prompt_stage")
     one_line, listed = root / "one_line.txt", root / "prompts.txt"
     one_line.write_text("# the default prompt, from a file\na lighthouse at dusk\n")
     listed.write_text("\n".join(PROMPT_LINES) + "\n")
-    folders = {name: root / name for name in ("prompt", "one_line", "straight", "resumed", "two_processes")}
+    folders = {name: root / name for name in ("prompt", "one_line", "straight", "resumed", "two_processes", "sdxl")}
+    torch.manual_seed(0)
+    sdxl_reward_model = root / "sdxl_reward_model.safetensors"
+    save_reward_model(LatentRewardModel(), str(sdxl_reward_model), {"family": "sdxl"})
     common = [f"--reward_model_path={random_reward_model}", *POLICY]
     many = [f"--prompt_file={listed}", "--train_images_per_prompt=2", "--train_advantage_baseline=prompt"]
     calls = [("train_policy", (*common, "--prompt=a lighthouse at dusk", "--train_policy_num_epochs=1"),
               {"cwd": folders["prompt"], "checkpoint": tiny_checkpoint}),
              ("train_policy", (*common, f"--prompt_file={one_line}", "--train_policy_num_epochs=1"),
               {"cwd": folders["one_line"], "checkpoint": tiny_checkpoint}),
-             ("train_policy", (*common, *many, "--train_policy_num_epochs=2"),
+             ("train_policy", (*common, *many, "--train_policy_num_epochs=2", "--train_preview_seeds=0,1"),
               {"cwd": folders["straight"], "checkpoint": tiny_checkpoint}),
              ("train_policy", (*common, *many, "--train_policy_num_epochs=1"),
-              {"cwd": folders["resumed"], "checkpoint": tiny_checkpoint})]
+              {"cwd": folders["resumed"], "checkpoint": tiny_checkpoint}),
+             ("train_policy", (*common, *many, f"--reward_model_path={sdxl_reward_model}",
+                               "--train_policy_num_epochs=1", "--train_preview_seeds=0"),
+              {"cwd": folders["sdxl"], "checkpoint": tiny_sdxl_checkpoint})]
     for folder in folders.values():
         folder.mkdir()
     for result in run_scripts(calls):
@@ -265,6 +274,30 @@ def test_the_same_seed_and_epoch_draw_the_same_prompts_after_a_resume_and_on_two
         for mine, theirs in zip(straight, runs):
             assert mine["reward_mean"] == pytest.approx(theirs["reward_mean"], rel=1e-5, abs=1e-7)
             assert mine["reward_std"] == pytest.approx(theirs["reward_std"], rel=1e-5)
+
+
+def test_the_lora_names_its_prompts_and_the_preview_shows_two_of_them_and_one_not_in_the_list(stage_runs):
+    from PIL import Image
+    from safetensors import safe_open
+
+    outputs = stage_runs["straight"] / "outputs"
+    with safe_open(str(outputs / "ui_lora_epoch_2.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    assert json.loads(metadata["almostperfect.prompt_lines"]) == PROMPT_LINES
+    assert metadata["almostperfect.prompt_count"] == "4" and "almostperfect.prompt" not in metadata
+    assert metadata["almostperfect.prompt_lines_sha256"] == hashlib.sha256("\n".join(PROMPT_LINES).encode()).hexdigest()
+    words = json.loads(metadata["ss_tag_frequency"])["prompts.txt"]
+    assert words["a"] == 4 and words["red"] == words["blue"] == words["night"] == 1
+    with Image.open(outputs / "preview_epoch_2.png") as preview:  # 2 seeds x (3 prompts x base and LoRA rows)
+        assert preview.size == (2 * 128, 3 * 2 * (128 + 34))
+
+
+def test_an_sdxl_run_trains_on_the_list_with_its_previews(stage_runs):
+    from PIL import Image
+
+    assert metrics(stage_runs["sdxl"])[0]["prompts"] == epoch_prompts(PROMPT_LINES, 0, 1, 2)
+    with Image.open(stage_runs["sdxl"] / "outputs" / "preview_epoch_1.png") as preview:
+        assert preview.size == (128, 3 * 2 * (128 + 34))
 
 
 def test_preview_prompts_default_to_two_lines_and_one_not_in_the_list(tmp_path):

@@ -393,10 +393,12 @@ def main():
                   if getattr(args, name) is not None] + overrides
     peak = report["machine"]["peak_tflops"]
     for name, changed in runs:
-        command = [sys.executable, os.path.abspath(__file__), "--child", *child_args,
+        command = [sys.executable, "-m", "tools.benchmark", "--child", *child_args,
                    *(f"--{k}={v}" for k, v in changed.items())]
         print(f"== {name}", file=sys.stderr, flush=True)
-        child = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
+        # from the repository root, as this was started: the child imports config, ddpo and utils from there
+        child = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env,
+                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         if child.returncode:  # e.g. out of memory: a result too, and the other runs still go
             report["runs"].append({"name": name, "changed": changed, "failed": child.returncode})
             print(f"{name}: failed with exit code {child.returncode} (out of memory? see above)")
