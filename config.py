@@ -67,6 +67,9 @@ train_sample_num_batches_per_epoch = 4  # sampling calls per epoch: an epoch lea
 train_policy_batch_size = 1  # images per UNet forward/backward (a memory knob, as upstream); gradients accumulate
 train_optimizer_steps_per_epoch = 1  # AdamW steps per epoch, each on an equal share of its images; 1 = upstream's
 train_policy_learning_rate = 1e-4  # AdamW on the LoRA weights
+# An epoch draws (its images / train_images_per_prompt) prompts of prompt_file, train_images_per_prompt images each.
+train_images_per_prompt = 0  # 0 = all of the epoch's images: one prompt per epoch, the seed's
+train_advantage_baseline = "epoch"  # reward minus the "epoch"'s mean (the seed's) or its "prompt" group's, / epoch std
 train_adv_clip_max = 2.0  # advantages (normalised rewards) are clipped to +-this
 train_clip_range = 1e-4  # PPO ratio clip range
 train_timestep_fraction = 1.0  # train on this random share of each image's timesteps (1.0 = all, as upstream)
@@ -75,4 +78,5 @@ train_gradient_checkpointing = "auto"  # recompute activations: 1/4 the memory, 
 train_offload_frozen = True  # keep text encoder and VAE off the GPU while training (they are not needed there)
 train_compile = False  # torch.compile the UNet (slow first epoch, faster later ones)
 train_preview_seeds = "0,1,2,3"  # fixed seeds of the preview grid written at each save ("" = no previews)
+train_preview_prompts = ""  # ";"-separated; "" = prompt, or prompt_file's first two lines and one not in the file
 seed = 0  # seeds the policy's sampling noise and shuffles, so a run (and its resume) is reproducible

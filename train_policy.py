@@ -32,27 +32,30 @@ from tqdm.auto import tqdm
 from ddpo.lora import add_lora
 from ddpo.ppo import compute_advantages, policy_gradient_backward
 from ddpo.precision import MixedPrecision, gradients_are_finite, resolve_mixed_precision
-from ddpo.sampling import Denoiser, prompt_conditioning, sample_with_logprob
+from ddpo.sampling import PROMPT_KEYS, Denoiser, sample_with_logprob, with_prompts
 from ddpo.training_calls import fit_training_calls, training_call_candidates
 from utils.checkpoint import model_family
-from utils.cli import images_per_epoch, run_stage, seed_list, trained_timesteps, validate_settings
+from utils.cli import images_per_epoch, images_per_prompt, run_stage, seed_list, trained_timesteps, validate_settings
+from utils.conditioning import PromptSet, pipeline_encoder
 from utils.errors import UserError
 from utils.files import crash_point
 from utils.locks import folder_lock
 from utils.lora_files import check_names_fit, epoch_files, lora_metadata, save_lora, save_lora_card
 from utils.metrics import append_jsonl, contact_sheet, plot_curves, read_jsonl
-from utils.pipeline import decode_latents, load_pipeline, text_encoders
+from utils.pipeline import decode_latents, load_pipeline
+from utils.prompts import preview_prompts, prompt_lines, prompt_summary
 from utils.reward_files import check_family, load_reward_model
 from utils.run_state import STATE_FILE, lora_is_finite, resume_training, save_run_state, save_state_file
 
 USED_SETTINGS = ["checkpoint_path", "checkpoint_config", "reward_model_path", "lora_path", "lora_name_prefix",
-                 "lora_rank", "device", "attention_backend", "prompt", "negative_prompt", "height", "width",
-                 "num_inference_steps", "guidance_scale", "eta",
+                 "lora_rank", "device", "attention_backend", "prompt", "prompt_file", "negative_prompt", "height",
+                 "width", "num_inference_steps", "guidance_scale", "eta",
                  "train_policy_num_epochs", "train_save_freq", "train_sample_batch_size",
                  "train_sample_num_batches_per_epoch", "train_policy_batch_size", "train_optimizer_steps_per_epoch",
-                 "train_policy_learning_rate", "train_adv_clip_max", "train_clip_range", "train_timestep_fraction",
+                 "train_policy_learning_rate", "train_images_per_prompt", "train_advantage_baseline",
+                 "train_adv_clip_max", "train_clip_range", "train_timestep_fraction",
                  "train_timesteps_per_call", "train_gradient_checkpointing", "train_offload_frozen", "train_compile",
-                 "train_preview_seeds", "mixed_precision", "seed"]
+                 "train_preview_seeds", "train_preview_prompts", "mixed_precision", "seed"]
 SKIPPED_STEPS_TO_STOP = 3  # optimizer steps in a row whose loss or gradients were not finite
 
 
@@ -62,12 +65,16 @@ def image_seeds(seed, epoch, count):
     return torch.randint(0, 2**31 - 1, (count,), generator=generator).tolist()
 
 
-def sample_epoch(sampler, reward_model, seeds, batch_size, height, width, num_inference_steps, show_progress):
-    """Sample the given seeds in batches; returns the epoch's record, each tensor with a leading (n,)."""
+def sample_epoch(sampler, reward_model, seeds, prompts, batch_size, height, width, num_inference_steps, show_progress):
+    """Sample the given seeds in batches, image i conditioned on row i of `prompts` (PROMPT_KEYS entries,
+    (n, ...) each); returns the epoch's record, each tensor with a leading (n,), those entries among them."""
     records = []
     for start in tqdm(range(0, len(seeds), batch_size), desc="sampling", leave=False, disable=not show_progress):
         generators = [torch.Generator().manual_seed(s) for s in seeds[start:start + batch_size]]
-        record = sample_with_logprob(sampler, generators, height, width, num_inference_steps)
+        batch_prompts = {key: value[start:start + batch_size] for key, value in prompts.items()}  # (b, ...)
+        record = sample_with_logprob(with_prompts(sampler, batch_prompts), generators, height, width,
+                                     num_inference_steps)
+        record.update(batch_prompts)
         record["rewards"] = reward_model(record["latents"][:, -1])  # (b,): the CNN on x_0 directly, no VAE
         record["timesteps"] = record["timesteps"].expand(len(generators), -1)  # (b, steps)
         records.append(record)
@@ -77,7 +84,8 @@ def sample_epoch(sampler, reward_model, seeds, batch_size, height, width, num_in
 def training_minibatches(samples, advantages, batch_size, timestep_fraction, generator):
     """Shuffle samples and, per sample, its timesteps (keeping trained_timesteps of them).
 
-    Returns minibatches: latents/next_latents (b, k, 4, h/8, w/8), log_probs/timesteps (b, k), advantages (b,).
+    Returns minibatches: latents/next_latents (b, k, 4, h/8, w/8), log_probs/timesteps (b, k), advantages (b,)
+    and, when the samples hold them, each image's prompt entries (PROMPT_KEYS: prompt_embeds (b, 77, dim), ...).
     """
     n, steps = samples["log_probs"].shape
     k = trained_timesteps(steps, timestep_fraction)
@@ -90,6 +98,7 @@ def training_minibatches(samples, advantages, batch_size, timestep_fraction, gen
         "log_probs": samples["log_probs"][rows, step_order],
         "timesteps": samples["timesteps"][rows, step_order],
         "advantages": advantages,
+        **{key: samples[key] for key in PROMPT_KEYS if key in samples},  # per image, like the advantages
     }
     return [{key: value[order[start:start + batch_size]] for key, value in chosen.items()}
             for start in range(0, n, batch_size)]
@@ -143,13 +152,21 @@ def mean_over_processes(accelerator):
     return reduce
 
 
-def run_epoch(settings, epoch, accelerator, sampler, trainer, optimizer, precision, reward_model, training_call=None,
-              after_sampling=lambda: None):
+def prompt_groups(texts):
+    """(n,) id of each image's prompt text, numbered in order of first appearance."""
+    ids = {}
+    return torch.tensor([ids.setdefault(text, len(ids)) for text in texts])
+
+
+def run_epoch(settings, epoch, accelerator, sampler, trainer, optimizer, precision, reward_model, prompts,
+              training_call=None, after_sampling=lambda: None):
     """One epoch: SAMPLING, advantages over every process's rewards, TRAINING.
 
+    `prompts` (utils/conditioning.py PromptSet) draws the epoch's prompt groups and holds their conditioning.
     `training_call` (checkpointing, timesteps per call) is fitted on this epoch's samples when None.
     `after_sampling` runs between the phases (the benchmark reads memory there).
-    Returns {"rewards" (all images,), "stats", "steps" (outcomes), "training_call", "seconds", "cpu_seconds"}.
+    Returns {"rewards" (all images,), "prompts" (of each prompt group), "stats", "steps" (outcomes), "training_call",
+    "seconds", "cpu_seconds"}.
     """
     synchronize = torch.cuda.synchronize if accelerator.device.type == "cuda" else lambda: None
     clocks = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -157,13 +174,18 @@ def run_epoch(settings, epoch, accelerator, sampler, trainer, optimizer, precisi
 
     # ---------------------------------------------------------------- SAMPLING
     rank, per_process = accelerator.process_index, images_per_epoch(settings) // accelerator.num_processes
-    seeds = image_seeds(settings.seed, epoch, images_per_epoch(settings))[rank * per_process:(rank + 1) * per_process]
+    share = slice(rank * per_process, (rank + 1) * per_process)
+    seeds = image_seeds(settings.seed, epoch, images_per_epoch(settings))[share]
+    # Every process draws the whole epoch's prompts (a function of seed and epoch) and takes its share.
+    texts = prompts.image_prompts(settings.seed, epoch, images_per_epoch(settings), images_per_prompt(settings))
+    prompts.prepare(texts[share])
     sampler.unet.eval()
-    samples = sample_epoch(sampler, reward_model, seeds, settings.train_sample_batch_size, settings.height,
-                           settings.width, settings.num_inference_steps, accelerator.is_main_process)
+    samples = sample_epoch(sampler, reward_model, seeds, prompts.record(texts[share]), settings.train_sample_batch_size,
+                           settings.height, settings.width, settings.num_inference_steps, accelerator.is_main_process)
     # Advantages are normalised over every process's rewards, as one process would over all images.
     all_rewards = accelerator.gather(samples["rewards"])  # (images_per_epoch,), in seed order
-    advantages = compute_advantages(all_rewards, settings.train_adv_clip_max)[rank * per_process:(rank + 1) * per_process]
+    groups = prompt_groups(texts) if settings.train_advantage_baseline == "prompt" else None
+    advantages = compute_advantages(all_rewards, settings.train_adv_clip_max, groups)[share]
     synchronize()
     sampled = {name: clock() for name, clock in clocks.items()}
     after_sampling()
@@ -187,41 +209,48 @@ def run_epoch(settings, epoch, accelerator, sampler, trainer, optimizer, precisi
              for key, value in stats.items()}
     synchronize()
     trained = {name: clock() for name, clock in clocks.items()}
-    return {"rewards": all_rewards, "stats": stats, "steps": steps, "training_call": training_call,
+    return {"rewards": all_rewards, "prompts": texts[::images_per_prompt(settings)], "stats": stats, "steps": steps,
+            "training_call": training_call,
             "seconds": {"sampling": sampled["wall"] - started["wall"], "training": trained["wall"] - sampled["wall"]},
             "cpu_seconds": {"sampling": sampled["cpu"] - started["cpu"], "training": trained["cpu"] - sampled["cpu"]}}
 
 
 def load_models(settings, checkpoint_path, device, dtype):
-    """(pipeline, the prompts' conditioning: Denoiser's keyword arguments) as training uses them."""
+    """(pipeline, the run's PromptSet) as training uses them; with train_offload_frozen the text encoders
+    are on the CPU once the prompts are encoded (utils/conditioning.py says when that is)."""
     pipeline = load_pipeline(checkpoint_path, device, dtype, settings.checkpoint_config)
-    conditioning = prompt_conditioning(pipeline, settings.prompt, settings.negative_prompt, settings.height,
-                                       settings.width, device)
+    prompts = PromptSet(prompt_lines(settings), pipeline_encoder(pipeline, settings.negative_prompt, settings.height,
+                                                                 settings.width, device, settings.train_offload_frozen))
     if settings.train_offload_frozen:
-        for encoder in text_encoders(pipeline):
-            encoder.to("cpu")  # not needed again; the VAE only visits the GPU for previews
-        pipeline.vae.to("cpu")
+        pipeline.vae.to("cpu")  # the VAE only visits the GPU for previews
     pipeline.vae.enable_slicing()  # previews decode one image at a time: the same images in a fraction of the memory
-    return pipeline, conditioning
+    return pipeline, prompts
 
 
-def save_preview(path, pipeline, sampler, reward_model, seeds, epoch, height, width, num_inference_steps):
-    """Fixed seeds without the LoRA and with it, each with its reward, so a person sees what the LoRA does."""
-    latents = []
-    for with_lora in (False, True):
-        sampler.unet.enable_adapters() if with_lora else sampler.unet.disable_adapters()
-        generators = [torch.Generator().manual_seed(s) for s in seeds]
-        latents.append(sample_with_logprob(sampler, generators, height, width, num_inference_steps)["latents"][:, -1])
-    latents = torch.cat(latents)  # (2 x seeds, 4, h/8, w/8): the base model's row, then the LoRA's
+def save_preview(path, pipeline, sampler, reward_model, prompts, seeds, texts, height, width, num_inference_steps):
+    """Fixed seeds x preview prompts `texts`, without the LoRA and with it, each with its reward, so a person
+    sees what the LoRA does, and whether it does it to a prompt it was not trained on. Rows: per prompt, the
+    base model's, then the LoRA's."""
+    latents, captions = [], []
+    for text in texts:
+        denoiser = replace(sampler, **prompts.conditioning(text))
+        for with_lora in (False, True):
+            sampler.unet.enable_adapters() if with_lora else sampler.unet.disable_adapters()
+            generators = [torch.Generator().manual_seed(s) for s in seeds]
+            record = sample_with_logprob(denoiser, generators, height, width, num_inference_steps)
+            latents.append(record["latents"][:, -1])
+            captions += [(f"{'LoRA' if with_lora else 'base'} seed {s}", text) for s in seeds]
+    latents = torch.cat(latents)  # (prompts x 2 x seeds, 4, h/8, w/8)
     vae_home = pipeline.vae.device
     pipeline.vae.to(sampler.positive_embeds.device)
     images = decode_latents(pipeline, latents)
     pipeline.vae.to(vae_home)
-    rewards = reward_model(latents).tolist()
-    captions = [f"{'base' if i < len(seeds) else f'epoch {epoch}'}  seed {seeds[i % len(seeds)]}\nreward {r:+.2f}"
-                for i, r in enumerate(rewards)]
-    contact_sheet(path, images, captions, thumbnail=min(max(height, width, 128), 384), columns=len(seeds))
-    return images[len(seeds):]  # the LoRA's row
+    thumbnail = min(max(height, width, 128), 384)
+    characters = thumbnail // 7  # what fits under a thumbnail in the sheet's 13 px font
+    captions = [f"{head} {r:+.2f}\n{text if len(text) <= characters else text[:characters - 1] + '…'}"
+                for (head, text), r in zip(captions, reward_model(latents).tolist())]
+    contact_sheet(path, images, captions, thumbnail=thumbnail, columns=len(seeds))
+    return images[len(seeds):2 * len(seeds)]  # the LoRA's row of the first prompt
 
 
 def run_files(settings):
@@ -230,18 +259,20 @@ def run_files(settings):
     return {kind: os.path.join(settings.lora_path, settings.lora_name_prefix + name) for kind, name in names.items()}
 
 
-def save_epoch(settings, epoch, pipeline, sampler, optimizer, reward_model, seeds_to_preview):
+def save_epoch(settings, epoch, pipeline, sampler, optimizer, reward_model, prompts, previews):
     """The epoch's files, the diffusers LoRA last: resume and generate find an epoch by it, so a save
-    that a kill interrupts is not taken for complete (and the next run writes it again)."""
+    that a kill interrupts is not taken for complete (and the next run writes it again).
+    `previews`: ([seed], [prompt]) of the preview grid; no seeds, no grid."""
+    seeds_to_preview, prompts_to_preview = previews
     files = epoch_files(settings.lora_path, epoch, settings.lora_name_prefix)
     save_state_file(optimizer.state_dict(), files["optimizer"])
     written = [files["optimizer"]]
     if seeds_to_preview:
-        lora_images = save_preview(files["preview"], pipeline, sampler, reward_model, seeds_to_preview, epoch,
-                                   settings.height, settings.width, settings.num_inference_steps)
+        lora_images = save_preview(files["preview"], pipeline, sampler, reward_model, prompts, seeds_to_preview,
+                                   prompts_to_preview, settings.height, settings.width, settings.num_inference_steps)
         written += [files["preview"], save_lora_card(settings.lora_path, epoch, settings.lora_name_prefix, lora_images[0])]
     family = model_family(pipeline)
-    metadata = lora_metadata(settings, epoch, sampler.unet, family)
+    metadata = lora_metadata(settings, epoch, sampler.unet, family, prompts.lines)
     return [*save_lora(sampler.unet, settings.lora_path, epoch, settings.lora_name_prefix, metadata, family), *written]
 
 
@@ -258,7 +289,7 @@ def main(settings):
 
 
 def train(settings, accelerator):
-    seeds_to_preview = seed_list(settings.train_preview_seeds, "train_preview_seeds")
+    previews = seed_list(settings.train_preview_seeds, "train_preview_seeds"), preview_prompts(settings)
     reward_model = load_reward_model(settings.reward_model_path, accelerator.device)
     set_seed(settings.seed)
     device = accelerator.device
@@ -266,7 +297,7 @@ def train(settings, accelerator):
 
     # ---------------------------------------------------------------- MODELS
     # Frozen weights in the half dtype (half the memory), LoRA in fp32, autocast around every UNet call.
-    pipeline, conditioning = load_models(settings, settings.checkpoint_path, device, precision.weights_dtype)
+    pipeline, prompts = load_models(settings, settings.checkpoint_path, device, precision.weights_dtype)
     family = model_family(pipeline)
     check_family(settings.reward_model_path, family, "the latents of checkpoint_path's model")
     unet = pipeline.unet
@@ -289,11 +320,12 @@ def train(settings, accelerator):
     unet = accelerator.prepare(unet)
     # Sampling needs no gradient sync between processes: it calls the unwrapped UNet.
     sampler = Denoiser(accelerator.unwrap_model(unet), pipeline.scheduler, guidance_scale=settings.guidance_scale,
-                       eta=settings.eta, autocast=precision.autocast, **conditioning)
+                       eta=settings.eta, autocast=precision.autocast,
+                       **prompts.conditioning(prompts.first))  # each batch replaces the prompt with its own
     trainer = replace(sampler, unet=torch.compile(unet) if settings.train_compile else unet)
     if first_epoch > 1 and is_save_epoch(settings, first_epoch - 1) and accelerator.is_main_process and \
             not os.path.isfile(epoch_files(settings.lora_path, first_epoch - 1, settings.lora_name_prefix)["diffusers"]):
-        paths = save_epoch(settings, first_epoch - 1, pipeline, sampler, optimizer, reward_model, seeds_to_preview)
+        paths = save_epoch(settings, first_epoch - 1, pipeline, sampler, optimizer, reward_model, prompts, previews)
         accelerator.print(f"completed the interrupted save of epoch {first_epoch - 1}: {', '.join(paths)}")
 
     per_process = images_per_epoch(settings) // accelerator.num_processes
@@ -304,13 +336,20 @@ def train(settings, accelerator):
         f"{settings.train_policy_batch_size} image(s) x "
         f"{trained_timesteps(settings.num_inference_steps, settings.train_timestep_fraction)} timesteps, "
         f"accumulated into {settings.train_optimizer_steps_per_epoch} optimizer step(s); precision {precision.name}")
+    if settings.prompt_file:
+        groups = images_per_epoch(settings) // images_per_prompt(settings)
+        accelerator.print(
+            f"prompts: {len(prompts.lines)} line(s) of {settings.prompt_file}, {groups} prompt(s) x "
+            f"{images_per_prompt(settings)} image(s) per epoch, advantages against the "
+            f"{settings.train_advantage_baseline}'s mean; text conditioning encoded "
+            f"{'once, up front' if prompts.all_up_front else 'per epoch (too many distinct prompts to keep)'}")
     run_started = time.strftime("%Y-%m-%d %H:%M:%S")  # in each metrics record: the plot marks where a run resumed
     training_call = None  # (gradient checkpointing, timesteps per UNet call), fitted on the first epoch's samples
     skipped_in_a_row = 0
 
     for epoch in range(first_epoch, settings.train_policy_num_epochs + 1):
         result = run_epoch(settings, epoch, accelerator, sampler, trainer, optimizer, precision, reward_model,
-                           training_call)
+                           prompts, training_call)
         if training_call is None:
             training_call = result["training_call"]
             accelerator.print(
@@ -325,7 +364,8 @@ def train(settings, accelerator):
                    "reward_std": rewards.std(correction=0).item(), **stats,
                    "skipped_steps": sum(outcome != "ok" for outcome in result["steps"]),
                    **({"loss_scale": precision.loss_scale} if precision.name == "fp16" else {}),
-                   "sampling_seconds": seconds["sampling"], "training_seconds": seconds["training"]}
+                   "sampling_seconds": seconds["sampling"], "training_seconds": seconds["training"],
+                   **({"prompts": result["prompts"]} if settings.prompt_file else {})}  # the epoch's, one per group
         if accelerator.is_main_process:
             if not lora_is_finite(sampler.unet):
                 raise UserError(f"the LoRA's weights are not finite after epoch {epoch}; nothing of this epoch was "
@@ -336,7 +376,7 @@ def train(settings, accelerator):
                         [("reward of the epoch's images", [("reward_mean", "reward_std")]), ("PPO loss", ["loss"]),
                          ("seconds", ["sampling_seconds", "training_seconds"]),
                          ("share of clipped ratios", ["clipfrac"]), ("approx. KL to the sampling policy", ["approx_kl"])],
-                        f"DDPO: {settings.prompt}")
+                        f"DDPO: {prompt_summary(prompts.lines)}")
             save_run_state(files["state"], epoch, sampler.unet, optimizer, precision, files["metrics"], family)
         accelerator.print(
             f"epoch {epoch}: reward {metrics['reward_mean']:.4f} ± {metrics['reward_std']:.4f}, "
@@ -346,7 +386,7 @@ def train(settings, accelerator):
         skipped_in_a_row = count_skipped_steps(skipped_in_a_row, result["steps"], precision, epoch)
         if is_save_epoch(settings, epoch):
             if accelerator.is_main_process:
-                paths = save_epoch(settings, epoch, pipeline, sampler, optimizer, reward_model, seeds_to_preview)
+                paths = save_epoch(settings, epoch, pipeline, sampler, optimizer, reward_model, prompts, previews)
                 accelerator.print(f"saved {', '.join(paths)}")
             accelerator.wait_for_everyone()
     if first_epoch > settings.train_policy_num_epochs:

@@ -3,18 +3,27 @@
 import torch
 
 from ddpo.ddim import ddim_step_with_logprob
-from ddpo.sampling import guided_noise_pred
+from ddpo.sampling import PROMPT_KEYS, guided_noise_pred, with_prompts
 
 
-def compute_advantages(rewards, clip_max):
-    """(n,) rewards of the whole epoch -> (n,) advantages: mean 0, std 1, clipped to +-clip_max.
+def compute_advantages(rewards, clip_max, groups=None):
+    """(n,) rewards of the whole epoch -> (n,) advantages: std 1, clipped to +-clip_max.
 
-    As the seed: torch's default std (n - 1). A single image has no spread to normalise by, and gets
-    advantage 0 (the seed's NaN there is a bug); equal rewards give 0 too.
+    The baseline is the epoch's mean (groups None, the seed's), or with `groups` ((n,) ids, e.g. one per
+    prompt) each group's own mean, divided by the epoch's std in both cases (Flow-GRPO's global_std: a
+    group of a few images has too little spread of its own). As the seed: torch's default std (n - 1).
+    A single image, or a group of one, has nothing to compare with and gets advantage 0 (the seed's NaN
+    there is a bug); equal rewards give 0 too.
     """
     if rewards.numel() < 2:
         return torch.zeros_like(rewards)
-    return ((rewards - rewards.mean()) / (rewards.std() + 1e-8)).clamp(-clip_max, clip_max)
+    if groups is None:
+        return ((rewards - rewards.mean()) / (rewards.std() + 1e-8)).clamp(-clip_max, clip_max)
+    ids = torch.unique(groups, return_inverse=True)[1].to(rewards.device)  # (n,) in 0..groups-1
+    counts = torch.bincount(ids).to(rewards.dtype)  # (groups,)
+    means = torch.zeros_like(counts).index_add_(0, ids, rewards) / counts  # (groups,)
+    advantages = (rewards - means[ids]) / (rewards.std() + 1e-8)
+    return advantages.masked_fill(counts[ids] < 2, 0.0).clamp(-clip_max, clip_max)
 
 
 def policy_gradient_backward(denoiser, minibatch, clip_range, timesteps_per_call, backward=torch.Tensor.backward):
@@ -26,6 +35,7 @@ def policy_gradient_backward(denoiser, minibatch, clip_range, timesteps_per_call
       log_probs              (b, k)                log-prob of that step when sampled
       timesteps              (b, k)
       advantages             (b,)                  already clipped
+      prompt_embeds, ...     (b, ...)              optional: each image's own prompt (ddpo/sampling.py PROMPT_KEYS)
     `timesteps_per_call` timesteps of every sample go through the UNet together; a call's loss, a mean
     over its b x c terms, is weighted by c, so the gradient is the same for any grouping.
     Returns the loss, share of clipped ratios and approximate KL to the sampling policy, averaged over timesteps.
@@ -37,7 +47,9 @@ def policy_gradient_backward(denoiser, minibatch, clip_range, timesteps_per_call
         # (b, c, ...) -> (b * c, ...), sample-major, as the advantages are repeated below
         chunk = {key: minibatch[key][:, start:start + c].flatten(0, 1)
                  for key in ("latents", "next_latents", "log_probs", "timesteps")}
-        noise_pred = guided_noise_pred(denoiser, chunk["latents"], chunk["timesteps"])
+        # each image's prompt, (b, ...) -> (b * c, ...), repeated per timestep like the advantages
+        prompts = {key: minibatch[key].repeat_interleave(c, dim=0) for key in PROMPT_KEYS if key in minibatch}
+        noise_pred = guided_noise_pred(with_prompts(denoiser, prompts), chunk["latents"], chunk["timesteps"])
         _, log_prob = ddim_step_with_logprob(denoiser.scheduler, noise_pred, chunk["timesteps"], chunk["latents"],
                                              denoiser.eta, next_latents=chunk["next_latents"])
         advantages = minibatch["advantages"].repeat_interleave(c)  # (b * c,)

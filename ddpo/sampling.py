@@ -6,7 +6,7 @@ crop ids), carried by the Denoiser next to the hidden states.
 """
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, ContextManager
 
 import torch
@@ -27,9 +27,10 @@ def schedule_on(scheduler, device):
 class Denoiser:
     """The UNet with everything a guided DDIM step needs besides the latents.
 
-    The embeddings are the prompt's and the negative prompt's, (1, 77, dim) each, computed once per run.
-    SDXL's added conditioning, None for SD1.x: {"text_embeds": (1, pooled dim), "time_ids": (1, 6)} for
-    each of the two, passed to every UNet call as `added_cond_kwargs`.
+    positive_embeds: (1, 77, dim), one prompt for every image, or (n, 77, dim), each of the n latents of
+    the call its own (with_prompts); negative_embeds: (1, 77, dim), shared by all images.
+    SDXL's added conditioning, None for SD1.x: {"text_embeds": (1 or n, pooled dim), "time_ids": (1 or n, 6)}
+    for the positive, (1, ...) for the negative, passed to every UNet call as `added_cond_kwargs`.
     `autocast` is entered around every UNet call (ddpo/precision.py: mixed precision).
     """
     unet: torch.nn.Module
@@ -41,6 +42,35 @@ class Denoiser:
     positive_added: dict = None
     negative_added: dict = None
     autocast: Callable[[], ContextManager] = nullcontext
+
+
+# Keys of a sample record that hold each image's own prompt conditioning (the Denoiser's positive fields):
+# prompt_embeds (n, 77, dim); SDXL's added_text_embeds (n, pooled dim) and added_time_ids (n, 6).
+PROMPT_KEYS = ("prompt_embeds", "added_text_embeds", "added_time_ids")
+
+
+def prompt_record(conditioning):
+    """A conditioning (prompt_conditioning's keys, each image's own) as sample-record entries, PROMPT_KEYS."""
+    record = {"prompt_embeds": conditioning["positive_embeds"]}
+    if conditioning.get("positive_added") is not None:
+        record["added_text_embeds"] = conditioning["positive_added"]["text_embeds"]
+        record["added_time_ids"] = conditioning["positive_added"]["time_ids"]
+    return record
+
+
+def positive_conditioning(record):
+    """The Denoiser's positive fields (positive_embeds, positive_added) from sample-record entries (prompt_record's
+    inverse)."""
+    added = None
+    if "added_text_embeds" in record:
+        added = {"text_embeds": record["added_text_embeds"], "time_ids": record["added_time_ids"]}
+    return {"positive_embeds": record["prompt_embeds"], "positive_added": added}
+
+
+def with_prompts(denoiser, record):
+    """The denoiser conditioned on each image's own prompt: `record`'s PROMPT_KEYS, (n, ...) each, row i
+    for latent i of every call. A record without them keeps the denoiser's one prompt."""
+    return replace(denoiser, **positive_conditioning(record)) if "prompt_embeds" in record else denoiser
 
 
 @torch.no_grad()
@@ -76,8 +106,10 @@ def guided_noise_pred(denoiser, latents, timesteps):
     """Classifier-free-guided noise prediction with the uncond and cond halves in one UNet call.
 
     latents: (n, 4, h/8, w/8); timesteps: scalar or (n,). Returns (n, 4, h/8, w/8) in fp32.
+    The positive conditioning is (1, ...), broadcast, or (n, ...), one row per latent (Denoiser).
     """
     n = latents.shape[0]
+    assert denoiser.positive_embeds.shape[0] in (1, n), "one prompt for all latents, or one per latent"
     timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(n)
     embeds = torch.cat([denoiser.negative_embeds.expand(n, -1, -1), denoiser.positive_embeds.expand(n, -1, -1)])
     added = None

@@ -1,6 +1,7 @@
 """Speed and memory of train_policy's epoch, measured before downloading anything.
 
     python -m tools.benchmark --arch tiny --height 64 --width 64 --device cpu --compare --out bench/results/tiny64.json
+    python -m tools.benchmark --arch tiny --height 64 --width 64 --device cpu --prompts 4 --compare
     python -m tools.benchmark --arch sd15 --height 512 --width 512 --device cpu --samples 1 --steps 1 --compare
     python -m tools.benchmark --arch sd15 --height 1080 --width 720 --device cuda --compare
     python -m tools.benchmark --arch sd15 --height 1080 --width 720 --device cuda --memory_limit_gib 8
@@ -10,6 +11,8 @@
 Runs train_policy's own sampling and training functions on random weights: the tiny checkpoints
 (tools/tiny_checkpoint.py: tiny, tiny_sdxl), SD1.5's UNet architecture (860M parameters) or SDXL's
 (2.6B parameters, with its added conditioning), with random text embeddings. Any config.py setting can be given as --name=value, e.g. --train_timesteps_per_call=20.
+--prompts N trains each epoch on N prompts (a prompt file of N lines, --samples / N images each), every
+image with its own text embedding; with --compare, one run on a single prompt gives the cost of that.
 Reports seconds per image for sampling and for training, and memory: CUDA max allocated, or on
 CPU the peak resident set (each configuration runs in its own process, so peaks do not mix).
 "Activation" memory is the training phase's peak minus the memory in use just before it.
@@ -28,6 +31,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import zlib
 from dataclasses import replace
 
 import torch
@@ -42,6 +46,8 @@ from tools.footprint import meta_unet_inputs, training_activation_bytes, weight_
 from train_policy import load_models, run_epoch
 from utils.checkpoint import CONFIGS
 from utils.cli import SettingsError, parse_settings, trained_timesteps
+from utils.conditioning import PromptSet
+from utils.prompts import prompt_lines
 
 
 def real_unet_config(arch):
@@ -84,6 +90,24 @@ def flops_per_image_step(config, settings, checkpointing, per_call):
     return flops(1, False), flops(per_call, True)
 
 
+def random_encoder(unet, settings, device, dtype):
+    """texts -> {text: Denoiser conditioning} of random embeddings, each text's own (seeded by the text), as
+    utils/conditioning.py's pipeline_encoder gives them for a real text encoder."""
+    def conditioning(seed):
+        embeds = torch.randn(1, 77, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(seed))
+        if unet.config.addition_embed_type != "text_time":
+            return embeds.to(device, dtype), None
+        added = random_added_conditioning(unet.config, settings.height, settings.width, seed)
+        return embeds.to(device, dtype), {key: value.to(device, dtype) for key, value in added.items()}
+
+    negative_embeds, negative_added = conditioning(1)
+
+    def encode(texts):
+        return {text: dict(zip(("positive_embeds", "positive_added"), conditioning(zlib.crc32(text.encode()))),
+                           negative_embeds=negative_embeds, negative_added=negative_added) for text in texts}
+    return encode
+
+
 def random_added_conditioning(unet_config, height, width, seed):
     """SDXL's added conditioning for random weights: a random pooled text embedding (1, pooled dim) and
     the size ids of a height x width image (1, 6)."""
@@ -124,7 +148,7 @@ class Memory:
 
 
 def build_models(arch, settings, device, dtype, scratch):
-    """(unet, scheduler, the Denoiser's prompt conditioning) as train_policy has them after loading."""
+    """(unet, scheduler, the run's PromptSet) as train_policy has them after loading."""
     from diffusers.utils import logging as diffusers_logging
 
     from tools.tiny_checkpoint import build_tiny_checkpoint, build_tiny_sdxl_checkpoint, sd15_scheduler
@@ -133,21 +157,16 @@ def build_models(arch, settings, device, dtype, scratch):
 
     if arch in ("tiny", "tiny_sdxl"):
         build = build_tiny_checkpoint if arch == "tiny" else build_tiny_sdxl_checkpoint
-        pipeline, conditioning = load_models(settings, build(os.path.join(scratch, "checkpoint")), device, dtype)
-        return pipeline.unet, pipeline.scheduler, conditioning
+        pipeline, prompts = load_models(settings, build(os.path.join(scratch, "checkpoint")), device, dtype)
+        return pipeline.unet, pipeline.scheduler, prompts
     from diffusers import UNet2DConditionModel
 
     # Only the UNet: with train_offload_frozen, train_policy's text encoders and VAE are not on the device either.
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(real_unet_config(arch)).to(device, dtype)
-    embeds = [torch.randn(1, 77, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(i))
-              .to(device, dtype) for i in (0, 1)]
-    conditioning = {"positive_embeds": embeds[0], "negative_embeds": embeds[1]}
-    if unet.config.addition_embed_type == "text_time":  # SDXL, whose DDIM schedule is SD1.5's
-        for name, seed in (("positive_added", 0), ("negative_added", 1)):
-            added = random_added_conditioning(unet.config, settings.height, settings.width, seed)
-            conditioning[name] = {key: value.to(device, dtype) for key, value in added.items()}
-    return unet, schedule_on(sd15_scheduler(), device), conditioning
+    # SDXL's DDIM schedule is SD1.5's
+    return unet, schedule_on(sd15_scheduler(), device), PromptSet(prompt_lines(settings),
+                                                                  random_encoder(unet, settings, device, dtype))
 
 
 def measure(arch, settings, epochs, memory_limit_gib=None):
@@ -163,14 +182,14 @@ def measure(arch, settings, epochs, memory_limit_gib=None):
     precision = MixedPrecision.create(resolve_mixed_precision(settings.mixed_precision, device.type), device.type)
     dtype = precision.weights_dtype
     with tempfile.TemporaryDirectory() as scratch:
-        unet, scheduler, conditioning = build_models(arch, settings, device, dtype, scratch)
+        unet, scheduler, prompts = build_models(arch, settings, device, dtype, scratch)
     lora_parameters = add_lora(unet, settings.lora_rank)
     torch.manual_seed(0)
     reward_model = LatentRewardModel().to(device).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(lora_parameters, lr=settings.train_policy_learning_rate)
     unet = accelerator.prepare(unet)
     sampler = Denoiser(accelerator.unwrap_model(unet), scheduler, guidance_scale=settings.guidance_scale,
-                       eta=settings.eta, autocast=precision.autocast, **conditioning)
+                       eta=settings.eta, autocast=precision.autocast, **prompts.conditioning(prompts.first))
     trainer = replace(sampler, unet=torch.compile(unet) if settings.train_compile else unet)
     result = {"precision": precision.name, "unet_parameters": sum(p.numel() for p in sampler.unet.parameters()),
               "lora_parameters": sum(p.numel() for p in lora_parameters), "memory_after_load": memory.now(),
@@ -186,7 +205,7 @@ def measure(arch, settings, epochs, memory_limit_gib=None):
 
         memory.reset_peak()
         epoch_result = run_epoch(settings, epoch, accelerator, sampler, trainer, optimizer, precision, reward_model,
-                                 training_call, after_sampling)
+                                 prompts, training_call, after_sampling)
         training_peak = memory.peak()
         if training_call is None:  # as train_policy: the auto settings are resolved once, on the first epoch
             training_call = epoch_result["training_call"]
@@ -278,6 +297,8 @@ def count_only(arch, settings, trained_steps, gpu_sizes_gib):
 def variants(settings, trained_steps, use_cuda):
     """The base run, then one run per speed/memory setting set each way: (name, settings overrides)."""
     runs = [("default", {})]
+    if settings.prompt_file:  # the cost of each image's own text embedding: the same epoch on one prompt
+        runs.append(("one prompt", {"prompt_file": "", "train_images_per_prompt": 0}))
     for per_call in sorted({1, trained_steps} - {settings.train_timesteps_per_call}):
         runs.append((f"train_timesteps_per_call={per_call}", {"train_timesteps_per_call": per_call}))
     for checkpointing in [True, False]:
@@ -298,6 +319,7 @@ def main():
     parser.add_argument("--steps", type=int, default=config.num_inference_steps, help="DDIM steps per image")
     parser.add_argument("--samples", type=int, default=16, help="images per epoch")
     parser.add_argument("--epochs", type=int, default=1, help="figures are those of the last epoch")
+    parser.add_argument("--prompts", type=int, default=1, help="prompts per epoch, each image with its own embedding")
     parser.add_argument("--compare", action="store_true", help="also run with each speed/memory setting flipped")
     parser.add_argument("--memory_limit_gib", type=float,
                         help="cuda: act as a GPU with this much memory (e.g. 8), so auto settings choose as they would there")
@@ -313,6 +335,13 @@ def main():
     batch = min(config.train_sample_batch_size, args.samples)
     if args.samples % batch:
         parser.error(f"--samples {args.samples} must be a multiple of train_sample_batch_size={batch}")
+    if args.prompts > 1 and not args.child:  # the children get --prompt_file among the overrides
+        if args.samples % args.prompts:
+            parser.error(f"--samples {args.samples} must be a multiple of --prompts {args.prompts}")
+        prompt_file = os.path.join(tempfile.mkdtemp(prefix="benchmark_prompts_"), "prompts.txt")
+        with open(prompt_file, "w") as f:
+            f.write("".join(f"a photo of thing number {i}\n" for i in range(args.prompts)))
+        overrides += [f"--prompt_file={prompt_file}", f"--train_images_per_prompt={args.samples // args.prompts}"]
     try:
         settings = parse_settings([f"--height={args.height}", f"--width={args.width}", f"--device={args.device}",
                                  f"--num_inference_steps={args.steps}", f"--train_sample_batch_size={batch}",
@@ -357,10 +386,12 @@ def main():
                   if getattr(args, name) is not None] + overrides
     peak = report["machine"]["peak_tflops"]
     for name, changed in runs:
-        command = [sys.executable, os.path.abspath(__file__), "--child", *child_args,
+        command = [sys.executable, "-m", "tools.benchmark", "--child", *child_args,
                    *(f"--{k}={v}" for k, v in changed.items())]
         print(f"== {name}", file=sys.stderr, flush=True)
-        child = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
+        # from the repository root, as this was started: the child imports config, ddpo and utils from there
+        child = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env,
+                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         if child.returncode:  # e.g. out of memory: a result too, and the other runs still go
             report["runs"].append({"name": name, "changed": changed, "failed": child.returncode})
             print(f"{name}: failed with exit code {child.returncode} (out of memory? see above)")

@@ -248,6 +248,11 @@ def images_per_epoch(s):
     return s.train_sample_batch_size * s.train_sample_num_batches_per_epoch
 
 
+def images_per_prompt(s):
+    """Images of each prompt group of a training epoch: train_images_per_prompt, 0 meaning all of them."""
+    return s.train_images_per_prompt or images_per_epoch(s)
+
+
 def trained_timesteps(num_inference_steps, timestep_fraction):
     """How many of an image's DDIM steps an epoch trains on."""
     return max(1, int(num_inference_steps * timestep_fraction))
@@ -301,6 +306,17 @@ def validate_settings(s, num_processes=1):
             f"train_optimizer_steps_per_epoch = {s.train_optimizer_steps_per_epoch} must divide the epoch's "
             f"{minibatches} minibatches of train_policy_batch_size = {s.train_policy_batch_size} image(s)"
             f"{' per process' if num_processes > 1 else ''}, so every step learns from as many images.")
+    if s.train_images_per_prompt < 0 or images_per_epoch(s) % images_per_prompt(s):
+        raise SettingsError(
+            f"train_images_per_prompt = {s.train_images_per_prompt} must divide the {images_per_epoch(s)} images per "
+            f"epoch (train_sample_batch_size x train_sample_num_batches_per_epoch), so every prompt has as many; "
+            f"0 = all of them.")
+    if s.train_advantage_baseline not in ("epoch", "prompt"):
+        raise SettingsError(f"train_advantage_baseline must be 'epoch' or 'prompt' "
+                            f"(got {s.train_advantage_baseline!r}).")
+    if s.train_advantage_baseline == "prompt" and images_per_prompt(s) < 2:
+        raise SettingsError("train_advantage_baseline = 'prompt' compares each image with the other images of its "
+                            "prompt, so it needs train_images_per_prompt of at least 2 (with 1 every advantage is 0).")
     if not 0 < s.train_timestep_fraction <= 1:
         raise SettingsError(f"train_timestep_fraction must be in (0, 1] (got {s.train_timestep_fraction}).")
     if not 0 <= s.train_reward_test_split_ratio < 1:

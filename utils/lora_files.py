@@ -1,6 +1,9 @@
 """Saved LoRAs: write them (diffusers + WebUI/kohya formats, with metadata and a card), find and load them."""
 
+import collections
 import datetime
+import hashlib
+import json
 import os
 import re
 
@@ -15,6 +18,7 @@ from ddpo.lora import kohya_state_dict, lora_alpha
 from utils.checkpoint import checkpoint_file_name, model_identity, sha256_of_file
 from utils.errors import UserError
 from utils.files import writing
+from utils.prompts import prompt_lines
 
 # What kohya's trainers write for the base model (ss_base_model_version, modelspec.architecture and
 # .implementation): WebUI sorts LoRAs by it and hides those of another base model.
@@ -81,13 +85,41 @@ def save_lora(unet, folder, epoch, prefix="", metadata=None, family="sd15"):
     return paths["diffusers"], paths["ui"]
 
 
-def lora_metadata(settings, epoch, unet, base_model="sd15"):
+PROMPTS_LISTED = 20  # lines of a prompt list written out in full; of a longer one, the first of them
+WORDS = re.compile(r"[^\W_]+(?:'[^\W_]+)*")  # a word of a prompt: letters and digits, with inner apostrophes
+
+
+def prompt_metadata(settings, lines):
+    """The header entries that say which prompts a LoRA was trained on (`lines`, the prompt list).
+
+    almostperfect.prompt_lines: the lines as a JSON list, only the first PROMPTS_LISTED of a longer list,
+    whose almostperfect.prompt_count says how many there are; with a prompt_file also
+    almostperfect.prompt_lines_sha256 (of the lines joined by newlines, as round.json records it);
+    without one almostperfect.prompt, the single prompt. ss_tag_frequency: kohya's {dataset: {tag: count}},
+    here each word of the lines (variants included) and how many lines hold it: WebUI shows them as the
+    LoRA's training tags.
+    """
+    words = collections.Counter(word for line in lines for word in set(WORDS.findall(line.lower())))
+    dataset = os.path.basename(settings.prompt_file) if settings.prompt_file else "prompt"
+    entries = {"ss_tag_frequency": json.dumps({dataset: dict(words.most_common())}, ensure_ascii=False),
+               "almostperfect.prompt_lines": json.dumps(lines[:PROMPTS_LISTED], ensure_ascii=False),
+               "almostperfect.prompt_count": str(len(lines))}
+    if settings.prompt_file:
+        entries["almostperfect.prompt_lines_sha256"] = hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+    else:
+        entries["almostperfect.prompt"] = settings.prompt
+    return entries
+
+
+def lora_metadata(settings, epoch, unet, base_model="sd15", lines=None):
     """The ui_lora file's header: the ss_* and modelspec.* keys kohya's trainers write (and WebUI and ComfyUI
-    show), and what this LoRA was trained for (prompt, epoch, reward model). All values are strings.
+    show), and what this LoRA was trained for (prompts, epoch, reward model). All values are strings.
+    `lines`: the prompt list it was trained on (prompt_lines(settings) when None).
 
     The file is shared, and WebUI shows its header to whoever loads it, so it names files, never paths: the
     base model by its name and WebUI short hash (utils/checkpoint.py model_identity), the reward model by its
     name and SHA-256 (docs/sharing.md)."""
+    lines = lines or prompt_lines(settings)
     output_name = os.path.basename(epoch_files("", epoch, settings.lora_name_prefix)["ui"]).removesuffix(".safetensors")
     version, architecture, implementation = BASE_MODELS[base_model]
     reward_model = os.path.basename(settings.reward_model_path)
@@ -95,7 +127,8 @@ def lora_metadata(settings, epoch, unet, base_model="sd15"):
     base_name, base_hash = model_identity(settings.checkpoint_path)
     base_file = checkpoint_file_name(settings.checkpoint_path)
     base_shown = f"{base_file} [{base_hash}]" if base_hash else base_file  # as WebUI's checkpoint list shows it
-    description = (f"DDPO LoRA (AlmostPerfect) for the prompt {settings.prompt!r}, epoch {epoch}, trained against "
+    prompts = f"the prompt {lines[0]!r}" if len(lines) == 1 else f"{len(lines)} prompts (the first {lines[0]!r})"
+    description = (f"DDPO LoRA (AlmostPerfect) for {prompts}, epoch {epoch}, trained against "
                    f"the reward model {reward_model}; load it on the base model {base_shown}.")
     return {
         "ss_network_module": "networks.lora", "ss_network_dim": str(settings.lora_rank),
@@ -110,7 +143,7 @@ def lora_metadata(settings, epoch, unet, base_model="sd15"):
         "modelspec.resolution": f"{settings.width}x{settings.height}",
         "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
         "modelspec.prediction_type": "epsilon", "modelspec.description": description,
-        "almostperfect.prompt": settings.prompt, "almostperfect.negative_prompt": settings.negative_prompt,
+        **prompt_metadata(settings, lines), "almostperfect.negative_prompt": settings.negative_prompt,
         "almostperfect.epoch": str(epoch), "almostperfect.reward_model": reward_model,
         "almostperfect.reward_model_sha256": reward_hash,
         "almostperfect.checkpoint": base_name, "almostperfect.checkpoint_hash": base_hash or "",

@@ -11,6 +11,8 @@ empty prompt_file is the single `prompt` setting, exactly as without prompt sets
 
 import functools
 import hashlib
+import itertools
+import math
 import os
 import random
 import re
@@ -69,6 +71,63 @@ def prompt_lines(settings):
 def expand(line, rng):
     """`line` with each {a|b|c} group replaced by one of its variants, drawn from `rng` (random.Random)."""
     return VARIANTS.sub(lambda match: rng.choice(match.group(1).split("|")).strip(), line)
+
+
+def variant_choices(line):
+    """[[text], [variant, ...], [text], ...]: `line`'s literal parts and {a|b|c} groups, in order."""
+    return [[part] if i % 2 == 0 else [variant.strip() for variant in part.split("|")]
+            for i, part in enumerate(VARIANTS.split(line))]
+
+
+def expansion_count(line):
+    """How many texts `line` expands to (with repeats, if a group repeats a variant)."""
+    return math.prod(len(choices) for choices in variant_choices(line))
+
+
+def expansions(line):
+    """Every distinct text `line` expands to; mind expansion_count first, the count multiplies per group."""
+    return {"".join(choice) for choice in itertools.product(*variant_choices(line))}
+
+
+def epoch_prompts(lines, seed, epoch, groups):
+    """The prompts of a training epoch's `groups` prompt groups, a pure function of (seed, epoch), so a
+    resume and any number of processes draw the same.
+
+    The lines come in a shuffled order that goes through the whole list before any line repeats (laps of
+    the list, each shuffled by seed and lap), as a data loader's epochs do; each group's variants are drawn
+    once, so every image of a group has the same text. One line without variants gives that line always.
+    """
+    laps, prompts = {}, []
+    for index in range((epoch - 1) * groups, epoch * groups):
+        lap, position = divmod(index, len(lines))
+        if lap not in laps:
+            laps[lap] = random.Random(f"prompt lines {seed} {lap}").sample(range(len(lines)), len(lines))
+        prompts.append(expand(lines[laps[lap][position]], random.Random(f"prompt variants {seed} {index}")))
+    return prompts
+
+
+# Previews show one prompt the LoRA was not trained on: the first of these not in the list.
+HELD_OUT_PREVIEW_PROMPTS = ("a photo of a city street", "a photo of a living room")
+
+
+def preview_prompts(settings):
+    """The preview grid's prompts: train_preview_prompts (";"-separated), else the single prompt (without a
+    prompt_file, as before prompt sets), else the list's first two lines and a prompt not in the list.
+    Variants are drawn once, the same at every save, so previews compare across epochs."""
+    if settings.train_preview_prompts.strip():
+        lines = [part.strip() for part in settings.train_preview_prompts.split(";") if part.strip()]
+    elif not settings.prompt_file:
+        return [settings.prompt]
+    else:
+        listed = prompt_lines(settings)
+        held_out = next(p for p in HELD_OUT_PREVIEW_PROMPTS if p not in listed)  # two differ: one is not listed
+        lines = [*listed[:2], held_out]
+    return [expand(line, random.Random(f"preview {number}")) for number, line in enumerate(lines)]
+
+
+def prompt_summary(lines):
+    """One line naming the prompts, for a plot's title or a description."""
+    return repr(lines[0]) if len(lines) == 1 else f"{len(lines)} prompts ({lines[0]!r}, ...)"
 
 
 def prompt_for_seed(lines, seed):
