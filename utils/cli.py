@@ -52,7 +52,7 @@ INTEGERS = {"lora_rank", "generate_sample_size", "generate_batch_size", "height"
             "score_port", "train_reward_num_epochs", "train_reward_batch_size", "train_reward_ensemble_size",
             "train_policy_num_epochs", "train_save_freq", "train_sample_batch_size",
             "train_sample_num_batches_per_epoch", "train_policy_batch_size", "train_optimizer_steps_per_epoch",
-            "train_timesteps_per_call", "seed"}
+            "train_timesteps_per_call", "seed", "train_images_per_prompt"}
 NUMBERS = {"guidance_scale", "eta", "train_reward_test_split_ratio", "train_reward_learning_rate",
            "train_reward_min_correlation", "train_policy_learning_rate", "train_adv_clip_max", "train_clip_range",
            "train_timestep_fraction"}
@@ -61,7 +61,8 @@ BOOLEANS = {"generate_vae_slicing", "generate_vae_tiling", "score_open_browser",
 TEXTS = {"sample_path", "score_path", "comparison_path", "model_path", "checkpoint_path", "checkpoint_config",
          "reward_model_path", "lora_path", "lora_name_prefix", "device", "mixed_precision", "attention_backend",
          "generate_lora", "prompt", "prompt_file", "negative_prompt", "score_host", "train_reward_loss", "rank_folder",
-         "train_preview_seeds", "train_reward_recipe"}
+         "train_preview_seeds", "train_reward_recipe",
+         "train_advantage_baseline", "train_preview_prompts"}
 
 
 def _config():
