@@ -270,7 +270,8 @@ def save_epoch(settings, epoch, pipeline, sampler, optimizer, reward_model, prom
     if seeds_to_preview:
         lora_images = save_preview(files["preview"], pipeline, sampler, reward_model, prompts, seeds_to_preview,
                                    prompts_to_preview, settings.height, settings.width, settings.num_inference_steps)
-        written += [files["preview"], save_lora_card(settings.lora_path, epoch, settings.lora_name_prefix, lora_images[0])]
+        card = save_lora_card(settings.lora_path, epoch, settings.lora_name_prefix, lora_images[0])
+        written += [files["preview"], card]
     family = model_family(pipeline)
     metadata = lora_metadata(settings, epoch, sampler.unet, family, prompts.lines)
     return [*save_lora(sampler.unet, settings.lora_path, epoch, settings.lora_name_prefix, metadata, family), *written]
@@ -323,8 +324,9 @@ def train(settings, accelerator):
                        eta=settings.eta, autocast=precision.autocast,
                        **prompts.conditioning(prompts.first))  # each batch replaces the prompt with its own
     trainer = replace(sampler, unet=torch.compile(unet) if settings.train_compile else unet)
+    last_saved = epoch_files(settings.lora_path, first_epoch - 1, settings.lora_name_prefix)["diffusers"]
     if first_epoch > 1 and is_save_epoch(settings, first_epoch - 1) and accelerator.is_main_process and \
-            not os.path.isfile(epoch_files(settings.lora_path, first_epoch - 1, settings.lora_name_prefix)["diffusers"]):
+            not os.path.isfile(last_saved):
         paths = save_epoch(settings, first_epoch - 1, pipeline, sampler, optimizer, reward_model, prompts, previews)
         accelerator.print(f"completed the interrupted save of epoch {first_epoch - 1}: {', '.join(paths)}")
 
@@ -375,7 +377,8 @@ def train(settings, accelerator):
             plot_curves(files["plot"], read_jsonl(files["metrics"]), "epoch",
                         [("reward of the epoch's images", [("reward_mean", "reward_std")]), ("PPO loss", ["loss"]),
                          ("seconds", ["sampling_seconds", "training_seconds"]),
-                         ("share of clipped ratios", ["clipfrac"]), ("approx. KL to the sampling policy", ["approx_kl"])],
+                         ("share of clipped ratios", ["clipfrac"]),
+                         ("approx. KL to the sampling policy", ["approx_kl"])],
                         f"DDPO: {prompt_summary(prompts.lines)}")
             save_run_state(files["state"], epoch, sampler.unet, optimizer, precision, files["metrics"], family)
         accelerator.print(

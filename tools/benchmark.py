@@ -10,7 +10,8 @@
 
 Runs train_policy's own sampling and training functions on random weights: the tiny checkpoints
 (tools/tiny_checkpoint.py: tiny, tiny_sdxl), SD1.5's UNet architecture (860M parameters) or SDXL's
-(2.6B parameters, with its added conditioning), with random text embeddings. Any config.py setting can be given as --name=value, e.g. --train_timesteps_per_call=20.
+(2.6B parameters, with its added conditioning), with random text embeddings. Any config.py setting can be
+given as --name=value, e.g. --train_timesteps_per_call=20.
 --prompts N trains each epoch on N prompts (a prompt file of N lines, --samples / N images each), every
 image with its own text embedding; with --compare, one run on a single prompt gives the cost of that.
 Reports seconds per image for sampling and for training, and memory: CUDA max allocated, or on
@@ -270,9 +271,9 @@ def count_only(arch, settings, trained_steps, gpu_sizes_gib):
         report["checkpointing"][checkpointing] = {
             "sampling_flops_per_image_step": sampling_flops, "training_flops_per_image_step": training_flops,
             "activation_one_timestep": one, "activation_each_further_timestep": two - one}
-        print(f"checkpointing {'on ' if checkpointing else 'off'}: sampling {sampling_flops / 1e12:.2f} TFLOP, training "
-              f"{training_flops / 1e12:.2f} TFLOP per image step; training activations {_gib(one)} for one timestep "
-              f"per call, +{_gib(two - one)} per further timestep")
+        print(f"checkpointing {'on ' if checkpointing else 'off'}: sampling {sampling_flops / 1e12:.2f} TFLOP, "
+              f"training {training_flops / 1e12:.2f} TFLOP per image step; training activations {_gib(one)} for one "
+              f"timestep per call, +{_gib(two - one)} per further timestep")
 
     def needed(candidate):
         checkpointing, per_call = candidate
@@ -289,8 +290,9 @@ def count_only(arch, settings, trained_steps, gpu_sizes_gib):
         chosen = next((c for c in candidates if needed(c) <= size * 2**30), None)
         report["fits"][size] = chosen and {"gradient_checkpointing": chosen[0], "timesteps_per_call": chosen[1],
                                            "estimated_memory": needed(chosen)}
-        print(f"{size:g} GB GPU: " + ("nothing fits" if chosen is None else
-              f"checkpointing {'on' if chosen[0] else 'off'}, {chosen[1]} timestep(s) per call, ~{_gib(needed(chosen))}"))
+        fits = "nothing fits" if chosen is None else (f"checkpointing {'on' if chosen[0] else 'off'}, {chosen[1]} "
+                                                      f"timestep(s) per call, ~{_gib(needed(chosen))}")
+        print(f"{size:g} GB GPU: {fits}")
     return report
 
 
@@ -322,12 +324,12 @@ def main():
     parser.add_argument("--prompts", type=int, default=1, help="prompts per epoch, each image with its own embedding")
     parser.add_argument("--compare", action="store_true", help="also run with each speed/memory setting flipped")
     parser.add_argument("--memory_limit_gib", type=float,
-                        help="cuda: act as a GPU with this much memory (e.g. 8), so auto settings choose as they would there")
+                        help="cuda: act as a GPU with this much memory (e.g. 8), so auto settings choose as there")
     parser.add_argument("--peak_tflops", type=float,
-                        help="the GPU's dense fp16/bf16 peak, to report utilisation (known: " + ", ".join(PEAK_TFLOPS) + ")")
+                        help=f"the GPU's dense fp16/bf16 peak, to report utilisation (known: {', '.join(PEAK_TFLOPS)})")
     parser.add_argument("--count_only", action="store_true",
-                        help="run nothing: FLOPs and estimated GPU memory from the architecture (meta device), and what "
-                             "auto picks on 8/12/16/24 GB GPUs (or --memory_limit_gib)")
+                        help="run nothing: FLOPs and estimated GPU memory from the architecture (meta device), "
+                             "and what auto picks on 8/12/16/24 GB GPUs (or --memory_limit_gib)")
     parser.add_argument("--out", help="JSON file to write")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args()
@@ -368,17 +370,19 @@ def main():
     # giving every allocation above 128 KiB its own mapping returns it on free (CPU runs ~10% slower).
     env = {"MALLOC_MMAP_THRESHOLD_": "131072", **os.environ}
     trained_steps = trained_timesteps(args.steps, settings.train_timestep_fraction)
+    gpu = torch.cuda.get_device_name() if use_cuda else None
     report = {"arch": args.arch, "height": args.height, "width": args.width, "samples": args.samples,
               "steps": args.steps, "trained_timesteps_per_image": trained_steps,
-              "machine": {"device": args.device, "gpu": torch.cuda.get_device_name() if use_cuda else None,
-                          "peak_tflops": args.peak_tflops or (peak_tflops(torch.cuda.get_device_name()) if use_cuda else None),
+              "machine": {"device": args.device, "gpu": gpu,
+                          "peak_tflops": args.peak_tflops or (peak_tflops(gpu) if use_cuda else None),
                           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                           "platform": platform.platform(), "torch": torch.__version__,
                           "MALLOC_MMAP_THRESHOLD_": env["MALLOC_MMAP_THRESHOLD_"],
                           "memory_limit_gib": args.memory_limit_gib},
               "settings": {name: getattr(settings, name) for name in (
-                  "lora_rank", "guidance_scale", "mixed_precision", "train_policy_batch_size", "train_optimizer_steps_per_epoch",
-                  "train_timestep_fraction", "train_timesteps_per_call", "train_gradient_checkpointing", "train_compile")},
+                  "lora_rank", "guidance_scale", "mixed_precision", "train_policy_batch_size",
+                  "train_optimizer_steps_per_epoch", "train_timestep_fraction", "train_timesteps_per_call",
+                  "train_gradient_checkpointing", "train_compile")},
               "runs": []}
     runs = variants(settings, trained_steps, use_cuda) if args.compare else [("default", {})]
     child_args = [f"--{name}={getattr(args, name)}" for name in ("arch", "height", "width", "device", "steps",
