@@ -68,6 +68,8 @@ train_optimizer_steps_per_epoch = 1  # AdamW steps per epoch, each on an equal s
 train_policy_learning_rate = 1e-4  # AdamW on the LoRA weights
 train_adv_clip_max = 2.0  # advantages (normalised rewards) are clipped to +-this
 train_clip_range = 1e-4  # PPO ratio clip range
+train_kl_weight = 0.0  # adds this x the LoRA's KL to the base model (logged every epoch) to each timestep's loss; 0 = the seed's (docs/policy.md)
+train_reward_pessimism = 0.0  # the policy maximises the reward ensemble's mean - this x its CNNs' std, so it cannot exploit where they disagree; 0 = the mean
 train_timestep_fraction = 1.0  # train on this random share of each image's timesteps (1.0 = all, the seed's behaviour)
 train_timesteps_per_call = 0  # timesteps per UNet call in training (same gradient); 0 = auto: as many as fit
 train_gradient_checkpointing = "auto"  # recompute activations: 1/4 the memory, +1/3 compute; auto = only if needed

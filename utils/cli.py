@@ -196,6 +196,10 @@ def validate_settings(s, num_processes=1):
         raise SettingsError(f"train_reward_loss must be 'mse' or 'ranking' (got {s.train_reward_loss!r}).")
     if s.train_clip_range <= 0 or s.train_adv_clip_max <= 0:
         raise SettingsError("train_clip_range and train_adv_clip_max must be > 0.")
+    for name in ("train_kl_weight", "train_reward_pessimism"):
+        if getattr(s, name) < 0:
+            raise SettingsError(f"{name} must be 0 (off) or more (got {getattr(s, name)}): a negative one would reward "
+                                "drifting from the base model or the reward models' disagreement.")
     if s.mixed_precision not in ("auto", "fp16", "bf16", "no"):
         raise SettingsError(f"mixed_precision must be auto, fp16, bf16 or no (got {s.mixed_precision!r}).")
     if set(s.lora_name_prefix) & set('/\\:<>"|?*'):
