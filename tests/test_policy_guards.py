@@ -197,7 +197,7 @@ def test_a_negative_guard_is_refused_with_its_name(name):
 
 # ---------------------------------------------------------------- the next round checks the last, end to end
 
-ROUND_IMAGES = 40
+ROUND_IMAGES = 32
 
 
 def stage(module, folder, checkpoint, **overrides):
@@ -217,10 +217,10 @@ def rate_by_brightness(folder, calibration=None):
     return calibration
 
 
-REWARD = {"train_reward_num_epochs": 30, "train_reward_batch_size": 8, "train_reward_loss": "ranking",
+REWARD = {"train_reward_num_epochs": 20, "train_reward_batch_size": 8, "train_reward_loss": "ranking",
           "train_reward_test_split_ratio": 0.25, "seed": 0}
 POLICY = {"train_sample_batch_size": 8, "train_sample_num_batches_per_epoch": 2, "train_policy_batch_size": 16,
-          "train_policy_learning_rate": 1e-2, "train_policy_num_epochs": 2, "train_save_freq": 2,
+          "train_policy_learning_rate": 1e-2, "train_policy_num_epochs": 1, "train_save_freq": 1,
           "train_preview_seeds": ""}
 
 
@@ -234,7 +234,7 @@ def next_rounds(tmp_path_factory, tiny_checkpoint):
 
     torch.set_num_threads(1)
     first = tmp_path_factory.mktemp("first_round")
-    stage(generate, first, tiny_checkpoint, generate_sample_size=ROUND_IMAGES, generate_batch_size=20,
+    stage(generate, first, tiny_checkpoint, generate_sample_size=ROUND_IMAGES, generate_batch_size=16,
           generate_lora="none")
     calibration = rate_by_brightness(first)
     outcome = {}
@@ -246,7 +246,7 @@ def next_rounds(tmp_path_factory, tiny_checkpoint):
             scores_file.write_text(json.dumps({k: -v for k, v in json.loads(scores_file.read_text()).items()}))
         stage(train_reward, folder, tiny_checkpoint, **REWARD)
         stage(train_policy, folder, tiny_checkpoint, **POLICY)
-        stage(generate, folder, tiny_checkpoint, generate_sample_size=ROUND_IMAGES, generate_batch_size=20)
+        stage(generate, folder, tiny_checkpoint, generate_sample_size=ROUND_IMAGES, generate_batch_size=16)
         rate_by_brightness(folder, calibration)  # the person: brightness, as always
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
@@ -259,9 +259,9 @@ def next_rounds(tmp_path_factory, tiny_checkpoint):
 
 def test_a_lora_trained_against_a_wrong_reward_model_is_flagged_by_the_next_rounds_ratings(next_rounds):
     stdout, checks = next_rounds["wrong"]
-    assert len(checks) == 1 and checks[0]["lora"] == "diffusers_lora_epoch_2.safetensors"
+    assert len(checks) == 1 and checks[0]["lora"] == "diffusers_lora_epoch_1.safetensors"
     assert checks[0]["blind_spots_found"] and checks[0]["spearman"] < 0
-    assert "found the reward model's blind spots" in stdout and "consider an earlier LoRA" in stdout.lower()
+    assert "found the reward model's blind spots" in stdout and "consider an earlier lora" in stdout.lower()
 
 
 def test_a_lora_trained_against_a_good_reward_model_is_not_flagged(next_rounds):

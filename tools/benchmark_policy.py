@@ -65,27 +65,25 @@ SETTINGS = {
 }
 METHODS = {  # name: train_policy settings over SETTINGS
     "upstream": {"train_kl_weight": 0.0, "train_reward_pessimism": 0.0},
-    "kl": {"train_kl_weight": 10.0, "train_reward_pessimism": 0.0},
+    "kl": {"train_kl_weight": 1.0, "train_reward_pessimism": 0.0},
     "pessimism": {"train_kl_weight": 0.0, "train_reward_pessimism": 1.0},
-    "kl_and_pessimism": {"train_kl_weight": 10.0, "train_reward_pessimism": 1.0},
+    "kl_and_pessimism": {"train_kl_weight": 1.0, "train_reward_pessimism": 1.0},
 }
 DEFAULT_METHODS = ["upstream", "kl", "pessimism"]
 
 
 # ---------------------------------------------------------------- the stages, in-process
 
-def stage_settings(stage, folder, **overrides):
-    """The stage's settings as its command line would give them: every path in `folder` (the checkpoint in the
-    folder above the runs'), SETTINGS, overrides."""
-    checkpoint = os.path.join(os.path.dirname(os.path.normpath(folder)), "checkpoint")
+def stage_settings(stage, folder, checkpoint, **overrides):
+    """The stage's settings as its command line would give them: every path in `folder`, SETTINGS, overrides."""
     values = {**stage_paths(folder, checkpoint), **SETTINGS, **overrides}
     return parse_settings([f"--{k}={v}" for k, v in values.items()], stage.USED_SETTINGS)
 
 
-def generate_round(folder, seeds, **overrides):
+def generate_round(folder, checkpoint, seeds, **overrides):
     """generate.py's round of exactly these seeds in folder/samples (planned in its round.json, which
     generate then completes as an unfinished round). Returns the sample folder."""
-    settings = stage_settings(generate, folder, generate_sample_size=len(seeds), **overrides)
+    settings = stage_settings(generate, folder, checkpoint, generate_sample_size=len(seeds), **overrides)
     lora = generate.resolve_lora(settings)
     os.makedirs(settings.sample_path, exist_ok=True)
     write_json_atomic(os.path.join(settings.sample_path, ROUND_FILE),
@@ -108,7 +106,7 @@ def measured(sample_folder, tastes, reward_model):
 
 def run(work, taste, seed, methods, epochs, save_every, ratings, eval_images, steps, prompt_file, eval_prompt_file):
     """{method: {"epochs", "true_gain", "proxy_gain", "kl", "opposite_change", "seconds"}, "reward_model": ...}."""
-    folder = os.path.join(work, f"{taste}_seed{seed}")
+    folder, checkpoint = os.path.join(work, f"{taste}_seed{seed}"), os.path.join(work, "checkpoint")
     shutil.rmtree(folder, ignore_errors=True)  # the benchmark's own: an earlier run's LoRAs would be resumed
     rng = np.random.default_rng(seed)
     tastes = (taste, OPPOSITES[taste]) if taste in OPPOSITES else (taste,)
@@ -118,12 +116,12 @@ def run(work, taste, seed, methods, epochs, save_every, ratings, eval_images, st
     # ---------------------------------------------------------------- the first round, rated
     started = time.perf_counter()
     first_seeds = rng.choice(2**31 - 1, ratings, replace=False).tolist()
-    samples = generate_round(folder, first_seeds, generate_lora="none", **prompts)
+    samples = generate_round(folder, checkpoint, first_seeds, generate_lora="none", **prompts)
     names = round_images(samples)
     values = taste_values(samples, (taste,), names)[taste]
     calibration = calibration_of(values)
     write_json_atomic(os.path.join(samples, "scores.json"), NoisyRater(calibration, rng).scores(values))
-    train_reward.main(stage_settings(train_reward, folder, seed=seed, **prompts))
+    train_reward.main(stage_settings(train_reward, folder, checkpoint, seed=seed, **prompts))
     reward_model = load_reward_model(os.path.join(folder, "models", "reward_model.safetensors"))
     _, first_proxy = measured(samples, (), reward_model)
     scales = {"true": calibration["std"], "proxy": float(first_proxy.std()) or 1.0}
@@ -131,21 +129,22 @@ def run(work, taste, seed, methods, epochs, save_every, ratings, eval_images, st
 
     # ---------------------------------------------------------------- the base model on the fresh seeds
     eval_seeds = rng.choice(2**31 - 1, eval_images, replace=False).tolist()
-    base_true, base_proxy = measured(generate_round(os.path.join(folder, "eval_base"), eval_seeds,
+    base_true, base_proxy = measured(generate_round(os.path.join(folder, "eval_base"), checkpoint, eval_seeds,
                                                     generate_lora="none", **eval_prompts), tastes, reward_model)
 
     for method in methods:
         started = time.perf_counter()
         method_folder = os.path.join(folder, method)
         outputs = os.path.join(method_folder, "outputs")
-        train_policy.main(stage_settings(train_policy, method_folder, **prompts, **METHODS[method], seed=seed,
-                                         reward_model_path=os.path.join(folder, "models", "reward_model.safetensors"),
-                                         train_policy_num_epochs=epochs, train_save_freq=save_every))
+        train_policy.main(stage_settings(
+            train_policy, method_folder, checkpoint, **prompts, **METHODS[method], seed=seed,
+            reward_model_path=os.path.join(folder, "models", "reward_model.safetensors"),
+            train_policy_num_epochs=epochs, train_save_freq=save_every))
         records = {r["epoch"]: r for r in read_jsonl(os.path.join(outputs, "policy_metrics.jsonl"))}
         row = {"epochs": [0], "true_gain": [0.0], "proxy_gain": [0.0], "kl": [0.0], "opposite_change": [0.0]}
         for epoch in sorted(e for e in records if "saved_kl_to_base" in records[e]):
             lora = epoch_files(outputs, epoch, "")["diffusers"]
-            true, proxy = measured(generate_round(os.path.join(method_folder, f"eval_{epoch}"), eval_seeds,
+            true, proxy = measured(generate_round(os.path.join(method_folder, f"eval_{epoch}"), checkpoint, eval_seeds,
                                                   generate_lora=lora, **eval_prompts), tastes, reward_model)
             row["epochs"].append(epoch)
             row["true_gain"].append(float((true[taste] - base_true[taste]).mean() / scales["true"]))
@@ -163,13 +162,14 @@ def _held_out_spearman(folder):
 
 
 def run_task(args):
-    """run() in a worker process, its stages' output in the run's log file; (taste, seed, report, seconds)."""
+    """run() in a worker process, its stages' output in the run's log file; (taste, seed, report, wall seconds)."""
     work, taste, seed = args[:3]
     torch.set_num_threads(1)  # the tiny model: a process per core beats threads fighting over them
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     with open(os.path.join(work, f"{taste}_seed{seed}.log"), "w") as log, \
             contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         report = run(*args)
+    report["cpu_seconds"] = time.process_time() - cpu_started  # what the run costs on an idle core
     return taste, seed, report, time.perf_counter() - started
 
 
@@ -191,13 +191,26 @@ def summarise(reports, methods):
     return summary
 
 
+def opposite_pairs(results):
+    """{"warmth/coolness": {method: {"warmth": last true gain, "coolness": ..., "opposite_directions": bool}}}:
+    each gain is in its own taste, so both above 0 means the two LoRAs moved the shared value in opposite ways."""
+    pairs = {}
+    for first, second in [(a, b) for a, b in OPPOSITES.items() if a < b and a in results and b in results]:
+        pairs[f"{first}/{second}"] = {
+            method: {first: row["true_gain"][-1], second: results[second]["methods"][method]["true_gain"][-1],
+                     "opposite_directions": row["true_gain"][-1] > 0
+                     and results[second]["methods"][method]["true_gain"][-1] > 0}
+            for method, row in results[first]["methods"].items()}
+    return pairs
+
+
 def plot(path, results):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tastes = list(results)
-    figure, axes = plt.subplots(2, len(tastes), figsize=(3.6 * len(tastes), 6.5), squeeze=False)
+    figure, axes = plt.subplots(2, len(tastes), figsize=(max(3.6 * len(tastes), 8), 6.5), squeeze=False)
     for column, taste in enumerate(tastes):
         top, bottom = axes[0][column], axes[1][column]
         for method, row in results[taste]["methods"].items():
@@ -229,7 +242,7 @@ def main():
     parser.add_argument("--tastes", default=",".join(TUNED_ON + UNTUNED), help=f"any of {', '.join(TASTES)}")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"any of {', '.join(METHODS)}")
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=6, help="train_policy epochs (one loop)")
+    parser.add_argument("--epochs", type=int, default=8, help="train_policy epochs (one loop)")
     parser.add_argument("--save_every", type=int, default=2, help="epochs between saved (and measured) LoRAs")
     parser.add_argument("--ratings", type=int, default=64, help="images in the first round, all rated")
     parser.add_argument("--eval_images", type=int, default=32, help="fresh seeds each saved LoRA is measured on")
@@ -268,19 +281,31 @@ def main():
             seconds[taste] += took
             tqdm.write(f"{taste:>13} seed {seed} ({took:.0f} s): true gain at the last epoch " + ", ".join(
                 f"{m} {report[m]['true_gain'][-1]:+.2f} (proxy {report[m]['proxy_gain'][-1]:+.2f})" for m in methods))
+            results = write_report(args, methods, reports, seconds, started)  # so far: a long run can be stopped
+    print_table(results, methods)
+    cpu_minutes = sum(r["cpu_seconds"] for rs in reports.values() for r in rs) / 60
+    print(f"wrote {args.out} and {os.path.splitext(args.out)[0]}.png in {(time.perf_counter() - started) / 60:.1f} "
+          f"minutes ({cpu_minutes:.1f} CPU minutes in the workers: {cpu_minutes / args.jobs:.1f} minutes on "
+          f"{args.jobs} idle cores)")
+
+
+def write_report(args, methods, reports, seconds, started):
+    """bench/policy.json and .png from the runs finished so far; returns the results per taste."""
+    done = [taste for taste in reports if reports[taste]]
     results = {taste: {"untuned": taste in UNTUNED, "seconds": seconds[taste],
+                       "cpu_seconds": sum(r["cpu_seconds"] for r in reports[taste]),
+                       "seeds": len(reports[taste]),
                        "reward_model_test_spearman": [r["reward_model"]["test_spearman"] for r in reports[taste]],
-                       "methods": summarise(reports[taste], methods)} for taste in tastes}
+                       "methods": summarise(reports[taste], methods)} for taste in done}
     report = {"settings": SETTINGS, "methods": {m: METHODS[m] for m in methods}, "seeds": args.seeds,
               "epochs": args.epochs, "save_every": args.save_every, "ratings": args.ratings,
               "eval_images": args.eval_images, "steps": args.steps, "prompt_file": args.prompt_file,
-              "eval_prompt_file": args.eval_prompt_file, "results": results,
-              "total_seconds": time.perf_counter() - started}
+              "eval_prompt_file": args.eval_prompt_file, "results": results, "opposite_pairs": opposite_pairs(results),
+              "total_seconds": time.perf_counter() - started,
+              "cpu_seconds": sum(r["cpu_seconds"] for rs in reports.values() for r in rs)}
     write_json_atomic(args.out, report)
-    plot_path = os.path.splitext(args.out)[0] + ".png"
-    plot(plot_path, results)
-    print_table(results, methods)
-    print(f"wrote {args.out} and {plot_path} in {report['total_seconds'] / 60:.1f} minutes")
+    plot(os.path.splitext(args.out)[0] + ".png", results)
+    return results
 
 
 def print_table(results, methods):
