@@ -29,9 +29,11 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from ddpo.kl import trajectory_kl_to_base
 from ddpo.lora import add_lora
 from ddpo.ppo import compute_advantages, policy_gradient_backward
 from ddpo.precision import MixedPrecision, gradients_are_finite, resolve_mixed_precision
+from ddpo.reward_model import member_scores, pessimistic_reward
 from ddpo.sampling import PROMPT_KEYS, Denoiser, sample_with_logprob, with_prompts
 from ddpo.training_calls import fit_training_calls, training_call_candidates
 from utils.checkpoint import model_family
@@ -53,7 +55,8 @@ USED_SETTINGS = ["checkpoint_path", "checkpoint_config", "reward_model_path", "l
                  "train_policy_num_epochs", "train_save_freq", "train_sample_batch_size",
                  "train_sample_num_batches_per_epoch", "train_policy_batch_size", "train_optimizer_steps_per_epoch",
                  "train_policy_learning_rate", "train_images_per_prompt", "train_advantage_baseline",
-                 "train_adv_clip_max", "train_clip_range", "train_timestep_fraction",
+                 "train_adv_clip_max", "train_clip_range", "train_kl_weight", "train_reward_pessimism",
+                 "train_timestep_fraction",
                  "train_timesteps_per_call", "train_gradient_checkpointing", "train_offload_frozen", "train_compile",
                  "train_preview_seeds", "train_preview_prompts", "mixed_precision", "seed"]
 SKIPPED_STEPS_TO_STOP = 3  # optimizer steps in a row whose loss or gradients were not finite
@@ -65,9 +68,14 @@ def image_seeds(seed, epoch, count):
     return torch.randint(0, 2**31 - 1, (count,), generator=generator).tolist()
 
 
-def sample_epoch(sampler, reward_model, seeds, prompts, batch_size, height, width, num_inference_steps, show_progress):
+def sample_epoch(sampler, reward_model, seeds, prompts, batch_size, height, width, num_inference_steps, show_progress,
+                 pessimism=0.0):
     """Sample the given seeds in batches, image i conditioned on row i of `prompts` (PROMPT_KEYS entries,
-    (n, ...) each); returns the epoch's record, each tensor with a leading (n,), those entries among them."""
+    (n, ...) each); returns the epoch's record, each tensor with a leading (n,), those entries among them.
+
+    "rewards" are what the policy maximises: the ensemble's mean less `pessimism` x its members' spread
+    (ddpo/reward_model.py); "member_spreads" that spread.
+    """
     records = []
     for start in tqdm(range(0, len(seeds), batch_size), desc="sampling", leave=False, disable=not show_progress):
         generators = [torch.Generator().manual_seed(s) for s in seeds[start:start + batch_size]]
@@ -75,7 +83,9 @@ def sample_epoch(sampler, reward_model, seeds, prompts, batch_size, height, widt
         record = sample_with_logprob(with_prompts(sampler, batch_prompts), generators, height, width,
                                      num_inference_steps)
         record.update(batch_prompts)
-        record["rewards"] = reward_model(record["latents"][:, -1])  # (b,): the CNN on x_0 directly, no VAE
+        scores = member_scores(reward_model, record["latents"][:, -1])  # (members, b): the CNNs on x_0, no VAE
+        record["rewards"] = pessimistic_reward(scores, pessimism)  # (b,)
+        record["member_spreads"] = scores.std(0, correction=0)  # (b,)
         record["timesteps"] = record["timesteps"].expand(len(generators), -1)  # (b, steps)
         records.append(record)
     return {key: torch.cat([r[key] for r in records]) for key in records[0]}
@@ -105,17 +115,18 @@ def training_minibatches(samples, advantages, batch_size, timestep_fraction, gen
 
 
 def train_epoch(trainer, optimizer, minibatches, clip_range, timesteps_per_call, optimizer_steps, precision,
-                no_sync=nullcontext, reduce=lambda gradients: gradients, show_progress=False):
+                no_sync=nullcontext, reduce=lambda gradients: gradients, show_progress=False, base=None, kl_weight=0.0):
     """PPO over the minibatches, their gradients summed into `optimizer_steps` AdamW steps.
 
     Every backward runs in `no_sync` (accelerate's: no all-reduce per backward); `reduce` then averages
     each step's summed gradients over the processes, once. Returns the mean loss, clipfrac and
-    approx_kl, and each step's outcome in "steps": "ok", or why it was skipped: "nonfinite_loss", or
-    "nonfinite_gradient" (the loss was finite: an overflow, or a diverging model).
+    approx_kl (and kl_to_base with `base`: ddpo/ppo.py), and each step's outcome in "steps": "ok", or why it
+    was skipped: "nonfinite_loss", or "nonfinite_gradient" (the loss was finite: an overflow, or a diverging model).
     """
     trainer.unet.train()
     parameters = [p for p in trainer.unet.parameters() if p.requires_grad]
-    means, outcomes = {"loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0}, []
+    means = {"loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, **({"kl_to_base": 0.0} if base is not None else {})}
+    outcomes = []
     per_step = len(minibatches) // optimizer_steps
     bar = tqdm(total=len(minibatches), desc="training", leave=False, disable=not show_progress)
     for first in range(0, len(minibatches), per_step):
@@ -125,7 +136,7 @@ def train_epoch(trainer, optimizer, minibatches, clip_range, timesteps_per_call,
             with no_sync():
                 stats = precision.accumulate(
                     lambda: policy_gradient_backward(trainer, minibatch, clip_range, timesteps_per_call,
-                                                     precision.backward), parameters, total)
+                                                     precision.backward, base, kl_weight), parameters, total)
             loss_is_finite &= math.isfinite(stats["loss"])
             for key in means:
                 means[key] += stats[key] / len(minibatches)
@@ -165,8 +176,8 @@ def run_epoch(settings, epoch, accelerator, sampler, trainer, optimizer, precisi
     `prompts` (utils/conditioning.py PromptSet) draws the epoch's prompt groups and holds their conditioning.
     `training_call` (checkpointing, timesteps per call) is fitted on this epoch's samples when None.
     `after_sampling` runs between the phases (the benchmark reads memory there).
-    Returns {"rewards" (all images,), "prompts" (of each prompt group), "stats", "steps" (outcomes), "training_call",
-    "seconds", "cpu_seconds"}.
+    Returns {"rewards" (all images,), "member_spread" (the CNNs' mean disagreement), "prompts" (of each prompt
+    group), "stats", "steps" (outcomes), "training_call", "seconds", "cpu_seconds"}.
     """
     synchronize = torch.cuda.synchronize if accelerator.device.type == "cuda" else lambda: None
     clocks = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -181,9 +192,11 @@ def run_epoch(settings, epoch, accelerator, sampler, trainer, optimizer, precisi
     prompts.prepare(texts[share])
     sampler.unet.eval()
     samples = sample_epoch(sampler, reward_model, seeds, prompts.record(texts[share]), settings.train_sample_batch_size,
-                           settings.height, settings.width, settings.num_inference_steps, accelerator.is_main_process)
+                           settings.height, settings.width, settings.num_inference_steps, accelerator.is_main_process,
+                           settings.train_reward_pessimism)
     # Advantages are normalised over every process's rewards, as one process would over all images.
     all_rewards = accelerator.gather(samples["rewards"])  # (images_per_epoch,), in seed order
+    spread = accelerator.gather(samples["member_spreads"]).mean().item()
     groups = prompt_groups(texts) if settings.train_advantage_baseline == "prompt" else None
     advantages = compute_advantages(all_rewards, settings.train_adv_clip_max, groups)[share]
     synchronize()
@@ -202,14 +215,15 @@ def run_epoch(settings, epoch, accelerator, sampler, trainer, optimizer, precisi
     stats = train_epoch(trainer, optimizer, minibatches, settings.train_clip_range, training_call[1],
                         settings.train_optimizer_steps_per_epoch, precision,
                         lambda: accelerator.no_sync(trainer.unet), mean_over_processes(accelerator),
-                        accelerator.is_main_process)
+                        accelerator.is_main_process, base=sampler, kl_weight=settings.train_kl_weight)
     steps = stats.pop("steps")
     # Each process trained on its share of the images: log the mean over all of them.
     stats = {key: accelerator.reduce(torch.tensor(value, device=accelerator.device), "mean").item()
              for key, value in stats.items()}
     synchronize()
     trained = {name: clock() for name, clock in clocks.items()}
-    return {"rewards": all_rewards, "prompts": texts[::images_per_prompt(settings)], "stats": stats, "steps": steps,
+    return {"rewards": all_rewards, "member_spread": spread, "prompts": texts[::images_per_prompt(settings)],
+            "stats": stats, "steps": steps,
             "training_call": training_call,
             "seconds": {"sampling": sampled["wall"] - started["wall"], "training": trained["wall"] - sampled["wall"]},
             "cpu_seconds": {"sampling": sampled["cpu"] - started["cpu"], "training": trained["cpu"] - sampled["cpu"]}}
@@ -227,11 +241,11 @@ def load_models(settings, checkpoint_path, device, dtype):
     return pipeline, prompts
 
 
-def save_preview(path, pipeline, sampler, reward_model, prompts, seeds, texts, height, width, num_inference_steps):
-    """Fixed seeds x preview prompts `texts`, without the LoRA and with it, each with its reward, so a person
-    sees what the LoRA does, and whether it does it to a prompt it was not trained on. Rows: per prompt, the
-    base model's, then the LoRA's."""
-    latents, captions = [], []
+def sample_preview(sampler, reward_model, prompts, seeds, texts, height, width, num_inference_steps):
+    """Fixed seeds x preview prompts `texts`, without the LoRA and with it. Returns {"latents" (prompts x 2 x
+    seeds, 4, h/8, w/8): per prompt the base model's row, then the LoRA's; "rewards" (the same n,); "captions"
+    [(head, prompt)]; "kl_to_base": the LoRA's mean KL to the base model along its own images}."""
+    latents, captions, kls = [], [], []
     for text in texts:
         denoiser = replace(sampler, **prompts.conditioning(text))
         for with_lora in (False, True):
@@ -240,17 +254,27 @@ def save_preview(path, pipeline, sampler, reward_model, prompts, seeds, texts, h
             record = sample_with_logprob(denoiser, generators, height, width, num_inference_steps)
             latents.append(record["latents"][:, -1])
             captions += [(f"{'LoRA' if with_lora else 'base'} seed {s}", text) for s in seeds]
-    latents = torch.cat(latents)  # (prompts x 2 x seeds, 4, h/8, w/8)
+        kls.append(trajectory_kl_to_base(denoiser, record))  # (seeds,), the LoRA's (adapters are on again)
+    latents = torch.cat(latents)
+    return {"latents": latents, "rewards": reward_model(latents), "captions": captions,
+            "kl_to_base": torch.cat(kls).mean().item()}
+
+
+def save_preview(path, pipeline, preview, seeds, height, width):
+    """The preview's contact sheet, each image with its reward and prompt, the first LoRA image with the KL
+    to the base model, so a person sees what the LoRA does, how far it went, and whether it does it to a
+    prompt it was not trained on. Returns the LoRA's row of the first prompt."""
     vae_home = pipeline.vae.device
-    pipeline.vae.to(sampler.positive_embeds.device)
-    images = decode_latents(pipeline, latents)
+    pipeline.vae.to(pipeline.unet.device)
+    images = decode_latents(pipeline, preview["latents"])
     pipeline.vae.to(vae_home)
     thumbnail = min(max(height, width, 128), 384)
     characters = thumbnail // 7  # what fits under a thumbnail in the sheet's 13 px font
-    captions = [f"{head} {r:+.2f}\n{text if len(text) <= characters else text[:characters - 1] + '…'}"
-                for (head, text), r in zip(captions, reward_model(latents).tolist())]
+    captions = [f"{head} {r:+.2f}" + (f"  KL {preview['kl_to_base']:.1e}" if i == len(seeds) else "")
+                + f"\n{text if len(text) <= characters else text[:characters - 1] + '…'}"
+                for i, ((head, text), r) in enumerate(zip(preview["captions"], preview["rewards"].tolist()))]
     contact_sheet(path, images, captions, thumbnail=thumbnail, columns=len(seeds))
-    return images[len(seeds):2 * len(seeds)]  # the LoRA's row of the first prompt
+    return images[len(seeds):2 * len(seeds)]
 
 
 def run_files(settings):
@@ -259,17 +283,20 @@ def run_files(settings):
     return {kind: os.path.join(settings.lora_path, settings.lora_name_prefix + name) for kind, name in names.items()}
 
 
-def save_epoch(settings, epoch, pipeline, sampler, optimizer, reward_model, prompts, previews):
+def save_epoch(settings, epoch, pipeline, sampler, optimizer, reward_model, prompts, previews, preview=None):
     """The epoch's files, the diffusers LoRA last: resume and generate find an epoch by it, so a save
     that a kill interrupts is not taken for complete (and the next run writes it again).
-    `previews`: ([seed], [prompt]) of the preview grid; no seeds, no grid."""
+    `previews`: ([seed], [prompt]) of the preview grid, no seeds no grid; `preview`: sample_preview's of
+    them, sampled now when None."""
     seeds_to_preview, prompts_to_preview = previews
     files = epoch_files(settings.lora_path, epoch, settings.lora_name_prefix)
     save_state_file(optimizer.state_dict(), files["optimizer"])
     written = [files["optimizer"]]
     if seeds_to_preview:
-        lora_images = save_preview(files["preview"], pipeline, sampler, reward_model, prompts, seeds_to_preview,
-                                   prompts_to_preview, settings.height, settings.width, settings.num_inference_steps)
+        preview = preview or sample_preview(sampler, reward_model, prompts, seeds_to_preview, prompts_to_preview,
+                                            settings.height, settings.width, settings.num_inference_steps)
+        lora_images = save_preview(files["preview"], pipeline, preview, seeds_to_preview, settings.height,
+                                   settings.width)
         card = save_lora_card(settings.lora_path, epoch, settings.lora_name_prefix, lora_images[0])
         written += [files["preview"], card]
     family = model_family(pipeline)
@@ -345,6 +372,7 @@ def train(settings, accelerator):
             f"{images_per_prompt(settings)} image(s) per epoch, advantages against the "
             f"{settings.train_advantage_baseline}'s mean; text conditioning encoded "
             f"{'once, up front' if prompts.all_up_front else 'per epoch (too many distinct prompts to keep)'}")
+    accelerator.print(guards_line(settings))
     run_started = time.strftime("%Y-%m-%d %H:%M:%S")  # in each metrics record: the plot marks where a run resumed
     training_call = None  # (gradient checkpointing, timesteps per UNet call), fitted on the first epoch's samples
     skipped_in_a_row = 0
@@ -363,38 +391,65 @@ def train(settings, accelerator):
         # ---------------------------------------------------------------- LOG and SAVE
         rewards, stats, seconds = result["rewards"], result["stats"], result["seconds"]
         metrics = {"run": run_started, "epoch": epoch, "reward_mean": rewards.mean().item(),
-                   "reward_std": rewards.std(correction=0).item(), **stats,
+                   "reward_std": rewards.std(correction=0).item(), "member_spread": result["member_spread"], **stats,
                    "skipped_steps": sum(outcome != "ok" for outcome in result["steps"]),
                    **({"loss_scale": precision.loss_scale} if precision.name == "fp16" else {}),
                    "sampling_seconds": seconds["sampling"], "training_seconds": seconds["training"],
                    **({"prompts": result["prompts"]} if settings.prompt_file else {})}  # the epoch's, one per group
+        preview = None
         if accelerator.is_main_process:
             if not lora_is_finite(sampler.unet):
                 raise UserError(f"the LoRA's weights are not finite after epoch {epoch}; nothing of this epoch was "
                                 f"saved. Lower train_policy_learning_rate or set mixed_precision=no, then rerun.")
+            if is_save_epoch(settings, epoch) and previews[0]:  # the saved LoRA's own reward and drift
+                preview = sample_preview(sampler, reward_model, prompts, *previews, settings.height, settings.width,
+                                         settings.num_inference_steps)
+                lora_rows = preview["rewards"].view(len(previews[1]), 2, len(previews[0]))[:, 1]  # (prompts, seeds)
+                metrics["saved_reward"] = lora_rows.mean().item()
+                metrics["saved_kl_to_base"] = preview["kl_to_base"]
             append_jsonl(files["metrics"], metrics)
             crash_point("train_policy.metrics_written")
-            plot_curves(files["plot"], read_jsonl(files["metrics"]), "epoch",
-                        [("reward of the epoch's images", [("reward_mean", "reward_std")]), ("PPO loss", ["loss"]),
-                         ("seconds", ["sampling_seconds", "training_seconds"]),
-                         ("share of clipped ratios", ["clipfrac"]),
-                         ("approx. KL to the sampling policy", ["approx_kl"])],
-                        f"DDPO: {prompt_summary(prompts.lines)}")
+            plot_metrics(files["plot"], read_jsonl(files["metrics"]), settings, prompt_summary(prompts.lines))
             save_run_state(files["state"], epoch, sampler.unet, optimizer, precision, files["metrics"], family)
         accelerator.print(
             f"epoch {epoch}: reward {metrics['reward_mean']:.4f} ± {metrics['reward_std']:.4f}, "
             f"loss {stats['loss']:.4g}, clipfrac {stats['clipfrac']:.3f}, kl {stats['approx_kl']:.2e}, "
+            f"KL to base {stats['kl_to_base']:.2e}, "
             f"sampling {seconds['sampling']:.1f}s, training {seconds['training']:.1f}s"
             + (f", {metrics['skipped_steps']} step(s) skipped (not finite)" if metrics["skipped_steps"] else ""))
         skipped_in_a_row = count_skipped_steps(skipped_in_a_row, result["steps"], precision, epoch)
         if is_save_epoch(settings, epoch):
             if accelerator.is_main_process:
-                paths = save_epoch(settings, epoch, pipeline, sampler, optimizer, reward_model, prompts, previews)
+                paths = save_epoch(settings, epoch, pipeline, sampler, optimizer, reward_model, prompts, previews,
+                                   preview)
                 accelerator.print(f"saved {', '.join(paths)}")
             accelerator.wait_for_everyone()
     if first_epoch > settings.train_policy_num_epochs:
         accelerator.print(f"nothing to do: epoch {first_epoch - 1} is done and train_policy_num_epochs is "
                           f"{settings.train_policy_num_epochs}; raise it to train on.")
+
+
+def guards_line(settings):
+    """The start-up line on the guards against reward hacking (docs/policy.md)."""
+    return (f"guards: KL to the base model logged every epoch (one no-grad UNet call more per trained step); "
+            f"train_kl_weight={settings.train_kl_weight}{' (off)' if not settings.train_kl_weight else ''}, "
+            f"train_reward_pessimism={settings.train_reward_pessimism}"
+            f"{' (off: the plain ensemble mean)' if not settings.train_reward_pessimism else ''}")
+
+
+def plot_metrics(path, records, settings, prompts):
+    """outputs/policy_metrics.png; each saved epoch marked with its LoRA's reward and KL to the base model
+    (its previews', else the epoch's images'), so a person can pick the epoch to keep."""
+    saved = [r for r in records if isinstance(r.get("epoch"), int) and is_save_epoch(settings, r["epoch"])
+             and isinstance(r.get("reward_mean"), (int, float))]
+    marks = [(r["epoch"], f"{r.get('saved_reward', r['reward_mean']):+.2f}\n"
+                          f"KL {r.get('saved_kl_to_base', r.get('kl_to_base', 0)):.0e}") for r in saved]
+    plot_curves(path, records, "epoch",
+                [("reward of the epoch's images", [("reward_mean", "reward_std"), "saved_reward"]),
+                 ("PPO loss", ["loss"]), ("seconds", ["sampling_seconds", "training_seconds"]),
+                 ("share of clipped ratios", ["clipfrac"]), ("approx. KL to the sampling policy", ["approx_kl"]),
+                 ("KL to the base model (nats per latent dim and step)", ["kl_to_base", "saved_kl_to_base"])],
+                f"DDPO: {prompts}", marks=marks)
 
 
 def is_save_epoch(settings, epoch):

@@ -43,6 +43,7 @@ from utils.metrics import append_jsonl, contact_sheet, plot_curves, read_jsonl
 from utils.pipeline import load_pipeline
 from utils.ratings import order_round, read_round_ratings
 from utils.reward_files import check_family, load_reward_model, reward_model_metadata, save_reward_model
+from utils.round_check import check_previous_reward_model
 from utils.samples import (
     history_rounds,
     interrupted_archives,
@@ -233,6 +234,7 @@ def train(settings):
         return rank_folder(settings, device)
     torch.manual_seed(settings.seed)
     family, ratings = load_ratings(settings, device)
+    check_previous_reward_model(settings, device)  # before the model is overwritten: did the last LoRA fool it?
     ratings = ratings.to(device)
     count, ratio = settings.train_reward_ensemble_size, settings.train_reward_test_split_ratio
     train, test = split_ratings(ratings, ratio)  # each CNN's counts; the ensemble's members hold out different ones

@@ -6,13 +6,11 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 
-def ddim_step_with_logprob(scheduler, noise_pred, timesteps, latents, eta, next_latents=None, generator=None):
-    """x_t -> x_{t-1} as `DDIMScheduler.step` (epsilon prediction), plus log N(x_{t-1}; mean, std²).
+def ddim_step_mean_std(scheduler, noise_pred, timesteps, latents, eta):
+    """The Gaussian of one DDIM step x_t -> x_{t-1} (epsilon prediction): (mean (batch, 4, h/8, w/8),
+    std (batch, 1, 1, 1)).
 
-    noise_pred, latents: (batch, 4, h/8, w/8); timesteps: int or (batch,), so one call can hold
-    steps of different samples. With `next_latents` given (training), the log-prob of that step
-    is returned instead of sampling a new one. Returns (next_latents, log_prob (batch,)), the
-    log-density averaged over the latent's dimensions.
+    timesteps: int or (batch,), so one call can hold steps of different samples.
     """
     timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
     step_size = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
@@ -31,7 +29,18 @@ def ddim_step_with_logprob(scheduler, noise_pred, timesteps, latents, eta, next_
     variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
     std = eta * variance.sqrt()
     mean = alpha_prev.sqrt() * pred_original + (1 - alpha_prev - std**2).sqrt() * noise_pred
+    return mean, std
 
+
+def ddim_step_with_logprob(scheduler, noise_pred, timesteps, latents, eta, next_latents=None, generator=None):
+    """x_t -> x_{t-1} as `DDIMScheduler.step` (epsilon prediction), plus log N(x_{t-1}; mean, std²).
+
+    noise_pred, latents: (batch, 4, h/8, w/8); timesteps: int or (batch,), so one call can hold
+    steps of different samples. With `next_latents` given (training), the log-prob of that step
+    is returned instead of sampling a new one. Returns (next_latents, log_prob (batch,)), the
+    log-density averaged over the latent's dimensions.
+    """
+    mean, std = ddim_step_mean_std(scheduler, noise_pred, timesteps, latents, eta)
     if next_latents is None:
         noise = randn_tensor(noise_pred.shape, generator=generator, device=noise_pred.device, dtype=noise_pred.dtype)
         next_latents = mean + std * noise

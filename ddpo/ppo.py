@@ -3,6 +3,7 @@
 import torch
 
 from ddpo.ddim import ddim_step_with_logprob
+from ddpo.kl import step_kl_to_base
 from ddpo.sampling import PROMPT_KEYS, guided_noise_pred, with_prompts
 
 
@@ -26,7 +27,8 @@ def compute_advantages(rewards, clip_max, groups=None):
     return advantages.masked_fill(counts[ids] < 2, 0.0).clamp(-clip_max, clip_max)
 
 
-def policy_gradient_backward(denoiser, minibatch, clip_range, timesteps_per_call, backward=torch.Tensor.backward):
+def policy_gradient_backward(denoiser, minibatch, clip_range, timesteps_per_call, backward=torch.Tensor.backward,
+                             base=None, kl_weight=0.0):
     """Accumulate the gradient of the minibatch's PPO loss as the seed does: summed over its timesteps,
     averaged over its images.
 
@@ -38,10 +40,13 @@ def policy_gradient_backward(denoiser, minibatch, clip_range, timesteps_per_call
       prompt_embeds, ...     (b, ...)              optional: each image's own prompt (ddpo/sampling.py PROMPT_KEYS)
     `timesteps_per_call` timesteps of every sample go through the UNet together; a call's loss, a mean
     over its b x c terms, is weighted by c, so the gradient is the same for any grouping.
+    With `base` (a Denoiser of the unwrapped UNet, ddpo/kl.py) each step's KL to the base model is measured
+    (one more, no-grad, UNet call) and returned as kl_to_base; kl_weight > 0 adds kl_weight x that KL to
+    each timestep's loss, with its gradient (0 = the seed's loss).
     Returns the loss, share of clipped ratios and approximate KL to the sampling policy, averaged over timesteps.
     """
     k = minibatch["log_probs"].shape[1]
-    stats = {"loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0}
+    stats = {"loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, **({"kl_to_base": 0.0} if base is not None else {})}
     for start in range(0, k, timesteps_per_call):
         c = min(timesteps_per_call, k - start)
         # (b, c, ...) -> (b * c, ...), sample-major, as the advantages are repeated below
@@ -49,7 +54,8 @@ def policy_gradient_backward(denoiser, minibatch, clip_range, timesteps_per_call
                  for key in ("latents", "next_latents", "log_probs", "timesteps")}
         # each image's prompt, (b, ...) -> (b * c, ...), repeated per timestep like the advantages
         prompts = {key: minibatch[key].repeat_interleave(c, dim=0) for key in PROMPT_KEYS if key in minibatch}
-        noise_pred = guided_noise_pred(with_prompts(denoiser, prompts), chunk["latents"], chunk["timesteps"])
+        conditioned = with_prompts(denoiser, prompts)
+        noise_pred = guided_noise_pred(conditioned, chunk["latents"], chunk["timesteps"])
         _, log_prob = ddim_step_with_logprob(denoiser.scheduler, noise_pred, chunk["timesteps"], chunk["latents"],
                                              denoiser.eta, next_latents=chunk["next_latents"])
         advantages = minibatch["advantages"].repeat_interleave(c)  # (b * c,)
@@ -57,8 +63,14 @@ def policy_gradient_backward(denoiser, minibatch, clip_range, timesteps_per_call
         pg_loss1 = -advantages * ratio
         pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
         loss = torch.maximum(pg_loss1, pg_loss2).mean()
-        backward(loss * c)
         share = c / k
+        if base is not None:
+            kl = step_kl_to_base(conditioned, with_prompts(base, prompts), noise_pred, chunk["latents"],
+                                 chunk["timesteps"])  # (b * c,)
+            if kl_weight:
+                loss = loss + kl_weight * kl.mean()
+            stats["kl_to_base"] += kl.mean().detach() * share
+        backward(loss * c)
         stats["loss"] += loss.detach() * share
         stats["clipfrac"] += ((ratio - 1.0).abs() > clip_range).float().mean() * share
         stats["approx_kl"] += (0.5 * (log_prob.detach() - chunk["log_probs"]) ** 2).mean() * share

@@ -44,3 +44,9 @@ class RewardEnsemble(nn.Module):
 def member_scores(model, latents):
     """(members, batch) scores of a reward model or ensemble; a single model is one member."""
     return model.member_scores(latents) if isinstance(model, RewardEnsemble) else model(latents)[None]
+
+
+def pessimistic_reward(scores, pessimism):
+    """(members, batch) scores -> (batch,) mean - pessimism x std over the members (population std, so one
+    member is its own score): a reward that counts only what the CNNs agree on (Coste et al., ICLR'24)."""
+    return scores.mean(0) - pessimism * scores.std(0, correction=0) if pessimism else scores.mean(0)

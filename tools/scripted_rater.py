@@ -62,6 +62,10 @@ TASTES = {
     "contrast": lambda rgb: _grey(rgb).std(),
     "saturation": lambda rgb: _saturation(rgb).mean(),
     "top_heavy": lambda rgb: (lambda g: g[: len(g) // 2].mean() - g[len(g) // 2:].mean())(_grey(rgb)),
+    # opposite pairs for tools/benchmark_policy.py: a LoRA that pleases one of a pair must displease the other
+    "darkness": lambda rgb: -_grey(rgb).mean(),
+    "warmth": lambda rgb: (rgb[..., 0] - rgb[..., 2]).mean(),
+    "coolness": lambda rgb: (rgb[..., 2] - rgb[..., 0]).mean(),
     # not looked at while choosing the few_ratings recipe: they check it on tastes it was not tuned on
     "greenness": lambda rgb: (rgb[..., 1] - rgb[..., [0, 2]].mean(-1)).mean(),
     "blueness": lambda rgb: (rgb[..., 2] - rgb[..., :2].mean(-1)).mean(),

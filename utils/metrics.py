@@ -41,11 +41,12 @@ def read_jsonl(path):
     return records
 
 
-def plot_curves(path, records, x_key, panels, title, columns=3):
+def plot_curves(path, records, x_key, panels, title, columns=3, marks=()):
     """A PNG with one panel per (panel title, keys), `columns` panels a row; temp file + rename.
 
     A key is a metric's name, or a (mean, spread) pair of names drawn as a line in a band. Where the
     records' "run" changes (a resumed run, e.g. with a new reward model), a dashed line marks it.
+    `marks`: (x, text) drawn as a dotted line on every panel, the text on the first.
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -69,6 +70,10 @@ def plot_curves(path, records, x_key, panels, title, columns=3):
                                   color=line.get_color(), alpha=0.2)
         for i, x in enumerate(new_runs):
             axis.axvline(x - 0.5, color="grey", linestyle="--", linewidth=1, label=None if i else "resumed")
+        for x, text in marks:
+            axis.axvline(x, color="green", linestyle=":", linewidth=1)
+            if axis is axes.flat[0]:
+                axis.annotate(text, (x, 1), xycoords=("data", "axes fraction"), fontsize=7, ha="center", va="top")
         axis.set_title(panel_title)
         axis.set_xlabel(x_key)
         axis.grid(alpha=0.3)
