@@ -179,8 +179,8 @@ def test_the_pessimistic_reward_is_the_mean_less_k_population_stds_over_the_memb
 def test_the_epochs_rewards_are_the_plain_mean_at_pessimism_zero_and_lower_where_the_cnns_disagree(denoiser):
     torch.manual_seed(0)
     ensemble = RewardEnsemble([LatentRewardModel() for _ in range(3)]).eval()
-    plain = sample_epoch(denoiser, ensemble, [0, 1], 2, 64, 64, 2, False)
-    careful = sample_epoch(denoiser, ensemble, [0, 1], 2, 64, 64, 2, False, pessimism=2.0)
+    plain = sample_epoch(denoiser, ensemble, [0, 1], {}, 2, 64, 64, 2, False)  # {}: the denoiser's one prompt
+    careful = sample_epoch(denoiser, ensemble, [0, 1], {}, 2, 64, 64, 2, False, pessimism=2.0)
     final = plain["latents"][:, -1]
     with torch.no_grad():
         torch.testing.assert_close(plain["rewards"], ensemble(final))

@@ -259,12 +259,14 @@ def stage_runs(tmp_path_factory, tiny_checkpoint, tiny_sdxl_checkpoint, random_r
     return folders
 
 
+@pytest.mark.stages
 def test_a_one_line_prompt_file_trains_the_same_lora_as_that_prompt(stage_runs):
     a, b = (load_file(str(stage_runs[name] / "outputs" / "diffusers_lora_epoch_1.safetensors"))
             for name in ("prompt", "one_line"))
     assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
 
 
+@pytest.mark.stages
 def test_the_same_seed_and_epoch_draw_the_same_prompts_after_a_resume_and_on_two_processes(stage_runs):
     straight, resumed, two = (metrics(stage_runs[name]) for name in ("straight", "resumed", "two_processes"))
     assert [m["prompts"] for m in straight] == [m["prompts"] for m in resumed] == [m["prompts"] for m in two]
@@ -276,6 +278,7 @@ def test_the_same_seed_and_epoch_draw_the_same_prompts_after_a_resume_and_on_two
             assert mine["reward_std"] == pytest.approx(theirs["reward_std"], rel=1e-5)
 
 
+@pytest.mark.stages
 def test_the_lora_names_its_prompts_and_the_preview_shows_two_of_them_and_one_not_in_the_list(stage_runs):
     from PIL import Image
     from safetensors import safe_open
@@ -292,6 +295,7 @@ def test_the_lora_names_its_prompts_and_the_preview_shows_two_of_them_and_one_no
         assert preview.size == (2 * 128, 3 * 2 * (128 + 34))
 
 
+@pytest.mark.stages
 def test_an_sdxl_run_trains_on_the_list_with_its_previews(stage_runs):
     from PIL import Image
 
