@@ -322,7 +322,8 @@ def test_a_reward_model_of_one_family_is_refused_for_the_other(reward_model, tin
     # --rank_folder on an SD1.5 round's saved latents: the same sentence, not a score
     sd15_round = tmp_path / "sd15_round"
     assert_ok(run_script("generate", "--generate_sample_size=2", f"--sample_path={sd15_round}",
-                         f"--score_path={sd15_round / 'scores.json'}", cwd=tmp_path,
+                         f"--score_path={sd15_round / 'scores.json'}",
+                         f"--comparison_path={sd15_round / 'comparisons.json'}", cwd=tmp_path,
                          checkpoint=tiny_checkpoint))
     result = run_script("train_reward", f"--rank_folder={sd15_round}", cwd=tmp_path, checkpoint=tiny_checkpoint)
     assert_refused(result, "learned SDXL latents", str(sd15_round), "SD1.x")
