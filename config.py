@@ -68,8 +68,8 @@ train_policy_batch_size = 1  # images per UNet forward/backward (a memory knob, 
 train_optimizer_steps_per_epoch = 1  # AdamW steps per epoch, each on an equal share of its images; 1 = upstream's
 train_policy_learning_rate = 1e-4  # AdamW on the LoRA weights
 # An epoch draws (its images / train_images_per_prompt) prompts of prompt_file, train_images_per_prompt images each.
-train_images_per_prompt = 0  # 0 = all of the epoch's images: one prompt per epoch, the seed's
-train_advantage_baseline = "epoch"  # reward minus the "epoch"'s mean (the seed's) or its "prompt" group's, / epoch std
+train_images_per_prompt = 0  # 0 = all of the epoch's images: one prompt per epoch, as upstream
+train_advantage_baseline = "epoch"  # reward minus the "epoch"'s mean (upstream's) or its "prompt" group's, / epoch std
 train_adv_clip_max = 2.0  # advantages (normalised rewards) are clipped to +-this
 train_clip_range = 1e-4  # PPO ratio clip range
 train_kl_weight = 0.0  # + this x the LoRA's KL to the base model (logged every epoch) per timestep; 0 = upstream

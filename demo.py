@@ -45,7 +45,7 @@ ROUNDS = 2
 POLICY_EPOCHS_PER_ROUND = 5
 REQUIRED_RISE = 0.5  # in standard deviations of the first round's scores
 RATINGS_PER_ROUND = 48  # of the round's 96 images; the demo rated all 96 before the reward ensemble and ranking loss
-# The tiny model's own settings; config.py's defaults stay the seed's (made for SD1.5 on a GPU).
+# The tiny model's own settings; config.py's defaults stay upstream's (made for SD1.5 on a GPU).
 DEMO_SETTINGS = {
     "height": 64, "width": 64,  # the smallest size the reward CNN takes (8x8 latents)
     "generate_sample_size": 96, "generate_batch_size": 16,  # ratings per round; 20% of them test the reward model

@@ -14,7 +14,7 @@ docs/rating-page.md has the details and the page's safety rules.
 
 Reads   samples/<seed>.png and its `parameters` text chunk (prompt, seed, LoRA), as generate.py writes them
         samples/round.json's "prompts" if it has them: each image's prompt (else the PNG's)
-        samples/scores.json if it exists: {"<seed>.png": score in -5..+5}, the seed WebApp's format
+        samples/scores.json if it exists: {"<seed>.png": score in -5..+5}, the original WebApp's format
         samples/comparisons.json if it exists: [{"a": "<seed>.png", "b": "<seed>.png", "winner": "a"|"b"|"tie"}]
         models/reward_model.safetensors if it exists, with samples/latents/, to order the round (see below)
 Writes  samples/scores.json at every change, atomically; scores of files not in the round are kept.

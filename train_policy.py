@@ -13,7 +13,7 @@ Writes  every train_save_freq epochs: outputs/ui_lora_epoch_N.safetensors (WebUI
         Each name starts with lora_name_prefix.
 Rerun, it resumes after the newest finished epoch (a kill loses at most one); nothing saved is deleted.
 
-An epoch, as the seed's: sample train_sample_batch_size x train_sample_num_batches_per_epoch images,
+An epoch, as upstream's: sample train_sample_batch_size x train_sample_num_batches_per_epoch images,
 score them, then backpropagate every image (train_policy_batch_size per forward/backward) at every
 trained timestep, the gradients accumulating into train_optimizer_steps_per_epoch AdamW steps (1).
 """

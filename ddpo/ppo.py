@@ -10,10 +10,10 @@ from ddpo.sampling import PROMPT_KEYS, guided_noise_pred, with_prompts
 def compute_advantages(rewards, clip_max, groups=None):
     """(n,) rewards of the whole epoch -> (n,) advantages: std 1, clipped to +-clip_max.
 
-    The baseline is the epoch's mean (groups None, the seed's), or with `groups` ((n,) ids, e.g. one per
+    The baseline is the epoch's mean (groups None, upstream's), or with `groups` ((n,) ids, e.g. one per
     prompt) each group's own mean, divided by the epoch's std in both cases (Flow-GRPO's global_std: a
     group of a few images has too little spread of its own). As the seed: torch's default std (n - 1).
-    A single image, or a group of one, has nothing to compare with and gets advantage 0 (the seed's NaN
+    A single image, or a group of one, has nothing to compare with and gets advantage 0 (upstream's NaN
     there is a bug); equal rewards give 0 too.
     """
     if rewards.numel() < 2:
@@ -29,7 +29,7 @@ def compute_advantages(rewards, clip_max, groups=None):
 
 def policy_gradient_backward(denoiser, minibatch, clip_range, timesteps_per_call, backward=torch.Tensor.backward,
                              base=None, kl_weight=0.0):
-    """Accumulate the gradient of the minibatch's PPO loss as the seed does: summed over its timesteps,
+    """Accumulate the gradient of the minibatch's PPO loss as upstream does: summed over its timesteps,
     averaged over its images.
 
     minibatch (b samples, k of their timesteps):
@@ -42,7 +42,7 @@ def policy_gradient_backward(denoiser, minibatch, clip_range, timesteps_per_call
     over its b x c terms, is weighted by c, so the gradient is the same for any grouping.
     With `base` (a Denoiser of the unwrapped UNet, ddpo/kl.py) each step's KL to the base model is measured
     (one more, no-grad, UNet call) and returned as kl_to_base; kl_weight > 0 adds kl_weight x that KL to
-    each timestep's loss, with its gradient (0 = the seed's loss).
+    each timestep's loss, with its gradient (0 = upstream's loss).
     Returns the loss, share of clipped ratios and approximate KL to the sampling policy, averaged over timesteps.
     """
     k = minibatch["log_probs"].shape[1]

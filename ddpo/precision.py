@@ -5,7 +5,7 @@ Autocast is PyTorch's own (torch.autocast), not accelerate's, which turns fp16 o
 suite runs the same training step in every precision that a GPU will; only the device type differs.
 
 fp16's loss scaling is done here rather than by torch's GradScaler, because an epoch makes one optimizer
-step (the seed's schedule): GradScaler finds its scale by skipping steps that overflow, and every skip
+step (upstream's schedule): GradScaler finds its scale by skipping steps that overflow, and every skip
 would throw away a whole epoch of samples. Here each minibatch's gradient is checked as it is made; one
 that overflows is computed again at half the scale, and the step sums every minibatch's gradient, each
 divided by its own scale. Without an overflow this is exactly GradScaler's arithmetic.
@@ -18,13 +18,13 @@ from dataclasses import dataclass
 import torch
 
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
-INITIAL_LOSS_SCALE = 2.0**16  # torch's GradScaler default, as the seed's GradScaler()
+INITIAL_LOSS_SCALE = 2.0**16  # torch's GradScaler default, as upstream's GradScaler()
 GROWTH_INTERVAL = 2000  # clean minibatches before the scale doubles again (GradScaler's default, in steps)
 MIN_LOSS_SCALE = 2.0**-16  # below this an overflow is not fp16's range but a diverging model
 
 
 def resolve_mixed_precision(setting, device_type):
-    """The mixed_precision setting with "auto" resolved: fp16 (the seed's) on CUDA, fp32 elsewhere."""
+    """The mixed_precision setting with "auto" resolved: fp16 (upstream's) on CUDA, fp32 elsewhere."""
     if setting == "auto":
         return "fp16" if device_type == "cuda" else "no"
     return setting

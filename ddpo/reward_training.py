@@ -4,7 +4,7 @@ train_reward.py calls `fit_reward_model` on the ratings it read; tools/benchmark
 function on a scripted rater's ratings, so what the benchmark measures is what train_reward does.
 
 A person's ratings are of two kinds, and one model learns from both together:
-  scores       an image's score -5..5 (samples/scores.json): MSE on the score (the seed's loss), or a
+  scores       an image's score -5..5 (samples/scores.json): MSE on the score (upstream's loss), or a
                ranking loss that only asks the model to order each batch's images of one prompt as their
                scores do (the CNN never sees the prompt: pairs across prompts would teach it which subject
                the person prefers, not how they like it drawn);
@@ -81,7 +81,7 @@ def bradley_terry_loss(reward_a, reward_b, outcomes):
 
 
 def score_loss(name, predicted, scores, groups=None):
-    """MSE (the seed's; across prompt groups too: a score is a score) or the ranking loss within `groups`."""
+    """MSE (upstream's; across prompt groups too: a score is a score) or the ranking loss within `groups`."""
     return F.mse_loss(predicted, scores) if name == "mse" else score_ranking_loss(predicted, scores, groups)
 
 
@@ -90,7 +90,7 @@ def score_loss(name, predicted, scores, groups=None):
 def split_indices(n, ratio, member=0, seed=0):
     """Indices (train, test) of one ensemble member: a fixed shuffle (every run holds out the same ratings),
     of which member j holds out the j-th block of ceil(n * ratio), wrapping round. Member 0 holds out the
-    first block, the seed's split; the others hold out other ratings, so the ensemble learns from all."""
+    first block, upstream's split; the others hold out other ratings, so the ensemble learns from all."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_test = min(math.ceil(n * ratio), n) if ratio > 0 and n > 1 else 0
     held_out = torch.zeros(n, dtype=torch.bool)

@@ -1,4 +1,4 @@
-"""One epoch of train_policy's update against the seed's training loop, transcribed here as the reference.
+"""One epoch of train_policy's update against upstream's training loop, transcribed here as the reference.
 
 The seed (original AlmostPerfect, train_policy.py) trains like this, for every minibatch of
 train_policy_batch_size images, in order, and every timestep j:
@@ -29,11 +29,11 @@ from ddpo.precision import MixedPrecision
 from ddpo.sampling import sample_with_logprob
 from train_policy import train_epoch, training_minibatches
 
-IMAGES, STEPS, GUIDANCE, ETA = 16, 3, 5.0, 1.0  # the seed's 16 images per epoch (4 x 4), few DDIM steps
-CLIP_RANGE, ADV_CLIP_MAX = 1e-4, 2.0  # the seed's defaults
+IMAGES, STEPS, GUIDANCE, ETA = 16, 3, 5.0, 1.0  # upstream's 16 images per epoch (4 x 4), few DDIM steps
+CLIP_RANGE, ADV_CLIP_MAX = 1e-4, 2.0  # upstream's defaults
 SHUFFLE_SEED = 11
 OPTIMIZERS = {"sgd": lambda params: torch.optim.SGD(params, lr=1e-2),
-              "adamw": lambda params: torch.optim.AdamW(params, lr=1e-4)}  # the seed's lr
+              "adamw": lambda params: torch.optim.AdamW(params, lr=1e-4)}  # upstream's lr
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def seed_log_prob(scheduler, noise_pred, t, latents, next_latents, eta):
 def seed_epoch(denoiser, samples, rewards, batch_size, optimizer, steps_per_epoch, order):
     """The seed's training loop over images in `order`, stepping every len(minibatches) / steps_per_epoch."""
     unet, scheduler = denoiser.unet, denoiser.scheduler
-    advantages = (rewards - rewards.mean()) / (rewards.std() + 1e-8)  # the seed's normalisation
+    advantages = (rewards - rewards.mean()) / (rewards.std() + 1e-8)  # upstream's normalisation
     minibatches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     unet.train()
     for m, images in enumerate(minibatches):
@@ -120,7 +120,7 @@ def reference(denoiser, samples, rewards, optimizer_name, batch_size, steps_per_
 
 @pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
 @pytest.mark.parametrize("batch_size, timesteps_per_call, steps_per_epoch, checkpointing", [
-    (1, 1, 1, False),  # the defaults: the seed's loop exactly
+    (1, 1, 1, False),  # the defaults: upstream's loop exactly
     (2, 2, 1, False),  # several images and timesteps per UNet call (calls of 2 and 1 timesteps)
     (1, STEPS, 1, True),  # gradient checkpointing, all timesteps in one call
     (2, 1, 4, False),  # 4 optimizer steps per epoch, against the reference stepping 4 times

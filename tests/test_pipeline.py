@@ -302,7 +302,7 @@ def test_train_policy_run_again_resumes_at_the_next_epoch_and_keeps_earlier_file
     for name in ("diffusers_lora_epoch_3.safetensors", "ui_lora_epoch_3.safetensors", "optimizer_epoch_3.pt"):
         assert name in after
     assert [record["epoch"] for record in read_jsonl(str(outputs / "policy_metrics.jsonl"))] == [1, 2, 3]
-    # epoch 3 started from epoch 2's LoRA and optimizer state (one step an epoch, the seed's), not from fresh ones
+    # epoch 3 started from epoch 2's LoRA and optimizer state (one step an epoch, upstream's), not from fresh ones
     second, third = (load_file(outputs / f"diffusers_lora_epoch_{e}.safetensors") for e in (2, 3))
     assert second.keys() == third.keys() and all(torch.equal(second[k], third[k]) for k in second)
     steps = {e: torch.load(outputs / f"optimizer_epoch_{e}.pt", weights_only=True)["state"][0]["step"].item()

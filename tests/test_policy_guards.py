@@ -1,4 +1,4 @@
-"""The guards against reward hacking (docs/policy.md): their maths against hand computations, the seed's
+"""The guards against reward hacking (docs/policy.md): their maths against hand computations, upstream's
 weights with both off, and the next round's check of the last LoRA end to end."""
 
 import contextlib
@@ -122,7 +122,7 @@ def test_the_kl_penalty_adds_weight_times_each_steps_kl_with_its_gradient(denois
                                      kl_weight=weight)
     ours = lora_gradient(trainer.unet)
     trainer.unet.zero_grad(set_to_none=True)
-    # by hand: the seed's loss is a mean over images summed over timesteps, so the penalty is too
+    # by hand: upstream's loss is a mean over images summed over timesteps, so the penalty is too
     total, logged = 0.0, 0.0
     for j, t in enumerate(record["timesteps"]):
         latents = record["latents"][:, j]
@@ -173,7 +173,7 @@ def test_the_pessimistic_reward_is_the_mean_less_k_population_stds_over_the_memb
     torch.testing.assert_close(pessimistic_reward(scores, 0.0), torch.tensor([2.0, 4.0, 5.0]))
     torch.testing.assert_close(pessimistic_reward(scores, 1.5), torch.tensor([2.0 - 1.5, 4.0 - 3.0, 5.0]))
     single = torch.tensor([[0.3, -0.2]])
-    torch.testing.assert_close(pessimistic_reward(single, 2.0), single[0])  # one CNN: its own score, as the seed's
+    torch.testing.assert_close(pessimistic_reward(single, 2.0), single[0])  # one CNN: its own score, as upstream's
 
 
 def test_the_epochs_rewards_are_the_plain_mean_at_pessimism_zero_and_lower_where_the_cnns_disagree(denoiser):

@@ -1,7 +1,7 @@
 """Prompt sets in train_policy: each epoch's prompt groups, each image's own text conditioning, the per-prompt
-advantage baseline, against a transcription of the seed's loop; and the stage script with a prompt file.
+advantage baseline, against a transcription of upstream's loop; and the stage script with a prompt file.
 
-The reference epoch is tests/test_ddpo_reference.py's transcription of the seed's training loop, with the
+The reference epoch is tests/test_ddpo_reference.py's transcription of upstream's training loop, with the
 two changes a prompt list makes, written out plainly: the positive half of every guided UNet call is each
 image's own text embedding (and for SDXL its own pooled embedding), encoded here by the pipeline itself;
 and an image's advantage is its reward minus the mean reward of the images with the same prompt, over

@@ -55,7 +55,7 @@ def test_bradley_terry_counts_a_tie_as_one_half():
 # ---------------------------------------------------------------- held-out ratings and the score scale
 
 def test_each_member_holds_out_other_ratings_and_the_first_holds_out_the_seeds():
-    seeds_split = torch.randperm(50, generator=torch.Generator().manual_seed(0))[:5]  # the seed's 10%, fixed shuffle
+    seeds_split = torch.randperm(50, generator=torch.Generator().manual_seed(0))[:5]  # upstream's 10%, fixed shuffle
     splits = [split_indices(50, 0.1, member) for member in range(4)]
     assert torch.equal(splits[0][1], seeds_split)
     for train, test in splits:
@@ -128,7 +128,7 @@ def test_a_saved_ensemble_loads_as_the_mean_of_its_members(tmp_path):
     assert torch.allclose(scores, torch.stack([m(latents) for m in ensemble.members]).mean(0), atol=1e-6)
     single = str(tmp_path / "single.safetensors")
     save_reward_model(ensemble.members[0], single, {})
-    assert isinstance(load_reward_model(single), LatentRewardModel)  # the seed's file, keys as before
+    assert isinstance(load_reward_model(single), LatentRewardModel)  # upstream's file, keys as before
 
 
 def test_the_order_puts_the_images_the_members_disagree_on_first(tmp_path):

@@ -74,7 +74,7 @@ def screenshot(page, name):
 
 def test_rate_with_keys_and_buttons_reload_and_filter(page, samples):
     scores_path = samples / "scores.json"
-    write_json(scores_path, {"3.png": 2, "old.png": -4})  # the seed WebApp's format; old.png is not in this round
+    write_json(scores_path, {"3.png": 2, "old.png": -4})  # the original WebApp's format; old.png is not in this round
     on_disk = {"3.png": 2, "old.png": -4}
     with serving(samples, scores_path) as url:
         page.goto(url)

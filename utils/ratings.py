@@ -39,7 +39,7 @@ def is_score(value):
 
 
 def scores_format_problem(scores):
-    """Why `scores` is not in the seed WebApp's format {"<file>.png": whole number in -5..+5}, or None."""
+    """Why `scores` is not in the original WebApp's format {"<file>.png": whole number in -5..+5}, or None."""
     if not isinstance(scores, dict):
         return f"not an object {{\"<seed>.png\": score}} but a {type(scores).__name__}"
     for name, score in scores.items():
