@@ -42,3 +42,16 @@ def brightness_like_round(n, seed=0):
     latents = torch.randn(n, 4, 8, 8, generator=generator)
     latents[:, 0] += offsets[:, None, None]
     return latents, torch.clamp(torch.round(2 * offsets), -5, 5), offsets
+
+
+def write_red_round(samples, seeds, red, scores, score_name="scores.json", round_json=False):
+    """A rated round as generate and score leave it: for each seed a 64x64 PNG of red seed x `red` and an 8x8
+    latent (seeded), `scores` {seed: score} as `score_name`, and with `round_json` a round.json of the seeds."""
+    samples.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    for seed in seeds:
+        Image.new("RGB", (64, 64), (seed * red, 0, 0)).save(samples / f"{seed}.png")
+        save_latent(latent_file(str(samples), f"{seed}.png"), torch.randn(4, 8, 8, generator=generator))
+    if round_json:
+        (samples / "round.json").write_text(json.dumps({"parameters": {"prompt": "old"}, "seeds": list(seeds)}))
+    (samples / score_name).write_text(json.dumps({f"{seed}.png": score for seed, score in scores.items()}))

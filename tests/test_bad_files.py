@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from helpers import write_red_round
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -58,12 +59,7 @@ BREAKS = [garbage, truncated, empty]
 def rated(tmp_path):
     """A rated round (PNGs, 8x8 latents, scores.json) and train_reward's settings for it."""
     samples = tmp_path / "samples"
-    samples.mkdir()
-    generator = torch.Generator().manual_seed(0)
-    for seed in SEEDS:
-        Image.new("RGB", (64, 64), (seed * 40, 0, 0)).save(samples / f"{seed}.png")
-        save_latent(latent_file(str(samples), f"{seed}.png"), torch.randn(4, 8, 8, generator=generator))
-    (samples / "scores.json").write_text(json.dumps({f"{seed}.png": seed - 3 for seed in SEEDS}))
+    write_red_round(samples, SEEDS, 40, {seed: seed - 3 for seed in SEEDS})
     settings = parse_settings([f"--sample_path={samples}", f"--model_path={tmp_path / 'models'}", "--device=cpu",
                                "--train_reward_num_epochs=1", "--train_reward_batch_size=2"],
                               train_reward.USED_SETTINGS)

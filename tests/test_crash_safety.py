@@ -9,8 +9,7 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from PIL import Image
+from helpers import write_red_round
 from score_round import serving
 
 import train_reward
@@ -24,7 +23,6 @@ from utils.samples import (
     interrupted_archives,
     latent_file,
     round_images,
-    save_latent,
 )
 
 SEEDS = [11, 12, 13, 14]
@@ -32,13 +30,7 @@ SEEDS = [11, 12, 13, 14]
 
 def rated_round(samples):
     """A round as generate leaves it, rated: PNGs, latents, round.json, scores.json."""
-    samples.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(0)
-    for seed in SEEDS:
-        Image.new("RGB", (64, 64), (seed * 9, 0, 0)).save(samples / f"{seed}.png")
-        save_latent(latent_file(str(samples), f"{seed}.png"), torch.randn(4, 8, 8, generator=generator))
-    (samples / "round.json").write_text(json.dumps({"parameters": {"prompt": "old"}, "seeds": SEEDS}))
-    (samples / "scores.json").write_text(json.dumps({f"{seed}.png": seed - 13 for seed in SEEDS}))
+    write_red_round(samples, SEEDS, 9, {seed: seed - 13 for seed in SEEDS}, round_json=True)
     return {path: entry for path, entry in snapshot(samples).items() if not path.startswith("history")}
 
 

@@ -11,27 +11,21 @@ import subprocess
 import sys
 
 import pytest
-import torch
+from helpers import write_red_round
 from PIL import Image
 
 import demo
 import generate
 from conftest import REPO, run_script, snapshot
 from utils.cli import SettingsError, parse_settings
-from utils.samples import archive_round, finish_interrupted_archive, history_rounds, latent_file, save_latent
+from utils.samples import archive_round, finish_interrupted_archive, history_rounds
 
 SEEDS = [21, 22, 23]
 
 
 def rated_round(samples, score_name="scores.json"):
     """A rated round as generate and score leave it; returns its snapshot."""
-    samples.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(0)
-    for seed in SEEDS:
-        Image.new("RGB", (64, 64), (seed * 9, 0, 0)).save(samples / f"{seed}.png")
-        save_latent(latent_file(str(samples), f"{seed}.png"), torch.randn(4, 8, 8, generator=generator))
-    (samples / "round.json").write_text(json.dumps({"parameters": {"prompt": "old"}, "seeds": SEEDS}))
-    (samples / score_name).write_text(json.dumps({f"{seed}.png": seed - 22 for seed in SEEDS}))
+    write_red_round(samples, SEEDS, 9, {seed: seed - 22 for seed in SEEDS}, score_name, round_json=True)
     (samples / "comparisons.json").write_text(json.dumps([{"a": "21.png", "b": "22.png", "winner": "a"}]))
     (samples / "rating_order.json").write_text("[]")
     return snapshot(samples)
