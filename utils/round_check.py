@@ -12,6 +12,7 @@ import os
 import torch
 
 from ddpo.statistics import pairwise_accuracy, spearman
+from utils.errors import UserError
 from utils.files import read_json
 from utils.metrics import append_jsonl
 from utils.ratings import scores_format_problem
@@ -55,20 +56,27 @@ def check_previous_reward_model(settings, device="cpu"):
     path = settings.reward_model_path
     if not os.path.isfile(path) or not os.path.isfile(settings.score_path):
         return None
-    scores = read_json(settings.score_path)
-    if scores_format_problem(scores):
+    try:
+        scores = read_json(settings.score_path)
+    except (OSError, ValueError):
         return None  # train_reward's own reading says what is wrong with the file
+    if scores_format_problem(scores):
+        return None
     folder = settings.sample_path
     rated = [name for name in scores if lives_in(folder, name) and os.path.isfile(latent_file(folder, name))]
     lora = round_lora(folder, rated)
-    metadata = reward_model_metadata(path)
     if not lora or len(rated) < MIN_RATINGS:
         return None
-    latents = torch.stack([load_latent(latent_file(folder, name)) for name in rated])  # (n, 4, h/8, w/8)
-    if metadata.get("latent_shape") and list(latents.shape[1:]) != metadata["latent_shape"]:
+    try:
+        metadata = reward_model_metadata(path)
+        latents = torch.stack([load_latent(latent_file(folder, name)) for name in rated])  # (n, 4, h/8, w/8)
+        if metadata.get("latent_shape") and list(latents.shape[1:]) != metadata["latent_shape"]:
+            return None
+        with torch.no_grad():
+            predicted = load_reward_model(path, device)(latents.to(device)).cpu()
+    except UserError as error:  # the training that follows replaces the file, or names the latent that is bad
+        print(f"note: the previous reward model was not checked against your new ratings: {error}")
         return None
-    with torch.no_grad():
-        predicted = load_reward_model(path, device)(latents.to(device)).cpu()
     person = torch.tensor([float(scores[name]) for name in rated])
     held_out = metadata.get("test_spearman")
     record = {"check": "previous reward model on the LoRA's images", "lora": os.path.basename(str(lora)),
