@@ -34,9 +34,10 @@ from tqdm.auto import tqdm
 
 from ddpo.reward_model import MIN_LATENT_SIZE
 from ddpo.reward_training import OUTCOMES, Ratings, fit_reward_model, split_ratings
-from utils.checkpoint import FAMILY_NAMES, model_family
+from utils.checkpoint import model_family
 from utils.cli import follows_recipe, run_stage
 from utils.errors import UserError
+from utils.families import FAMILY_NAMES
 from utils.files import write_json_atomic
 from utils.locks import folder_lock
 from utils.metrics import append_jsonl, contact_sheet, plot_curves, read_jsonl

@@ -212,6 +212,7 @@ def public(config):
     return {key: value for key, value in config.items() if not key.startswith("_")}
 
 
+@pytest.mark.slow  # a sparse 7 GB file read in-process: a minute and 7 GB of memory
 def test_a_file_of_sdxl_bases_size_and_layout_loads_with_the_shipped_configs_and_tokenizers(tmp_path):
     """What a user's sd_xl_base_1.0.safetensors goes through with checkpoint_config = "", weights aside."""
     architecture = real_sdxl_base()

@@ -114,7 +114,7 @@ def test_many_processes_at_once_exactly_one_gets_it(tmp_path):
     folder = tmp_path / "samples"
     write_lock(folder, pid=2**22 + 12345, host=socket.gethostname())  # a stale lock all of them see at once
     release = tmp_path / "release"
-    script = ("import os, sys, time; sys.path.insert(0, {repo!r}); from utils.cli import UserError\n"
+    script = ("import os, sys, time; sys.path.insert(0, {repo!r}); from utils.errors import UserError\n"
               "from utils.locks import folder_lock\n"
               "try:\n    with folder_lock(sys.argv[1], 'generate'):\n        print('got', flush=True)\n"
               "        while not os.path.exists(sys.argv[2]): time.sleep(0.05)\n"

@@ -27,11 +27,11 @@ from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
 from utils.errors import UserError
+from utils.families import FAMILY_NAMES
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 CLIP_TOKENIZER = CONFIGS / "clip_tokenizer"
 PIPELINES = {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
-FAMILY_NAMES = {"sd15": "SD1.x", "sdxl": "SDXL"}
 NOT_LOADED = {"safety_checker", "feature_extractor", "image_encoder"}  # never used here; may be absent
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # compared with the name in lower case, as WebUI does
 # diffusers' wording for a tensor of another shape than the config's model has

@@ -21,8 +21,8 @@ from safetensors import SafetensorError
 
 from ddpo.rating_order import image_predictions, informativeness_summary
 from ddpo.reward_model import member_scores
-from utils.checkpoint import FAMILY_NAMES
 from utils.errors import UserError
+from utils.families import FAMILY_NAMES
 from utils.files import parse_json, read_json, write_json_atomic
 from utils.reward_files import load_reward_model, reward_model_family
 from utils.samples import latent_family, latent_file, load_latent, round_images

@@ -8,8 +8,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ddpo.reward_model import LatentRewardModel, RewardEnsemble
-from utils.checkpoint import FAMILY_NAMES
 from utils.errors import UserError
+from utils.families import FAMILY_NAMES
 from utils.files import writing
 
 

@@ -13,8 +13,8 @@ import os
 import torch
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-from utils.checkpoint import FAMILY_NAMES
 from utils.errors import UserError
+from utils.families import FAMILY_NAMES
 from utils.files import writing
 from utils.lora_files import epoch_files, latest_lora, load_lora_into_unet
 

@@ -15,8 +15,8 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from utils.checkpoint import FAMILY_NAMES
 from utils.errors import UserError
+from utils.families import FAMILY_NAMES
 from utils.files import crash_point, read_json, writing
 
 # WebUI's own pattern for one `Key: value` pair of the settings line; a value may be "quoted, with commas"
