@@ -73,6 +73,7 @@ train_advantage_baseline = "epoch"  # reward minus the "epoch"'s mean (upstream'
 train_adv_clip_max = 2.0  # advantages (normalised rewards) are clipped to +-this
 train_clip_range = 1e-4  # PPO ratio clip range
 train_kl_weight = 0.0  # + this x the LoRA's KL to the base model (logged every epoch) per timestep; 0 = upstream
+train_kl_fraction = 0.25  # share of each epoch's images the KL to the base model is measured on (0 = not measured)
 train_reward_pessimism = 0.0  # maximise the ensemble's mean - this x its CNNs' std (where they disagree); 0 = the mean
 train_timestep_fraction = 1.0  # train on this random share of each image's timesteps (1.0 = all, as upstream)
 train_timesteps_per_call = 0  # timesteps per UNet call in training (same gradient); 0 = auto: as many as fit

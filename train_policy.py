@@ -29,7 +29,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from ddpo.kl import trajectory_kl_to_base
+from ddpo.kl import KLToBase, measured_steps, trajectory_kl_to_base
 from ddpo.lora import add_lora
 from ddpo.ppo import compute_advantages, policy_gradient_backward
 from ddpo.precision import MixedPrecision, gradients_are_finite, resolve_mixed_precision
@@ -55,8 +55,8 @@ USED_SETTINGS = ["checkpoint_path", "checkpoint_config", "reward_model_path", "l
                  "train_policy_num_epochs", "train_save_freq", "train_sample_batch_size",
                  "train_sample_num_batches_per_epoch", "train_policy_batch_size", "train_optimizer_steps_per_epoch",
                  "train_policy_learning_rate", "train_images_per_prompt", "train_advantage_baseline",
-                 "train_adv_clip_max", "train_clip_range", "train_kl_weight", "train_reward_pessimism",
-                 "train_timestep_fraction",
+                 "train_adv_clip_max", "train_clip_range", "train_kl_weight", "train_kl_fraction",
+                 "train_reward_pessimism", "train_timestep_fraction",
                  "train_timesteps_per_call", "train_gradient_checkpointing", "train_offload_frozen", "train_compile",
                  "train_preview_seeds", "train_preview_prompts", "mixed_precision", "seed"]
 SKIPPED_STEPS_TO_STOP = 3  # optimizer steps in a row whose loss or gradients were not finite
@@ -91,11 +91,13 @@ def sample_epoch(sampler, reward_model, seeds, prompts, batch_size, height, widt
     return {key: torch.cat([r[key] for r in records]) for key in records[0]}
 
 
-def training_minibatches(samples, advantages, batch_size, timestep_fraction, generator):
+def training_minibatches(samples, advantages, batch_size, timestep_fraction, generator, kl_fraction=0.0):
     """Shuffle samples and, per sample, its timesteps (keeping trained_timesteps of them).
 
     Returns minibatches: latents/next_latents (b, k, 4, h/8, w/8), log_probs/timesteps (b, k), advantages (b,)
     and, when the samples hold them, each image's prompt entries (PROMPT_KEYS: prompt_embeds (b, 77, dim), ...).
+    kl_fraction > 0 adds kl_measured (b, k): the share of the epoch's images whose KL to the base model is
+    measured (ddpo/kl.py measured_steps; in shuffled order, so a random-like sample of them).
     """
     n, steps = samples["log_probs"].shape
     k = trained_timesteps(steps, timestep_fraction)
@@ -109,23 +111,27 @@ def training_minibatches(samples, advantages, batch_size, timestep_fraction, gen
         "timesteps": samples["timesteps"][rows, step_order],
         "advantages": advantages,
         **{key: samples[key] for key in PROMPT_KEYS if key in samples},  # per image, like the advantages
+        **({"kl_measured": measured_steps(n, k, kl_fraction)[torch.argsort(order)].to(samples["log_probs"].device)}
+           if kl_fraction else {}),
     }
     return [{key: value[order[start:start + batch_size]] for key, value in chosen.items()}
             for start in range(0, n, batch_size)]
 
 
 def train_epoch(trainer, optimizer, minibatches, clip_range, timesteps_per_call, optimizer_steps, precision,
-                no_sync=nullcontext, reduce=lambda gradients: gradients, show_progress=False, base=None, kl_weight=0.0):
+                no_sync=nullcontext, reduce=lambda gradients: gradients, show_progress=False, kl=None):
     """PPO over the minibatches, their gradients summed into `optimizer_steps` AdamW steps.
 
     Every backward runs in `no_sync` (accelerate's: no all-reduce per backward); `reduce` then averages
     each step's summed gradients over the processes, once. Returns the mean loss, clipfrac and
-    approx_kl (and kl_to_base with `base`: ddpo/ppo.py), and each step's outcome in "steps": "ok", or why it
-    was skipped: "nonfinite_loss", or "nonfinite_gradient" (the loss was finite: an overflow, or a diverging model).
+    approx_kl (and with `kl`, ddpo/kl.py KLToBase, kl_to_base: the mean over the measured steps), and each
+    step's outcome in "steps": "ok", or why it was skipped: "nonfinite_loss", or "nonfinite_gradient" (the
+    loss was finite: an overflow, or a diverging model).
     """
     trainer.unet.train()
     parameters = [p for p in trainer.unet.parameters() if p.requires_grad]
-    means = {"loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, **({"kl_to_base": 0.0} if base is not None else {})}
+    means = {"loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0}
+    kl_sum, kl_count = 0.0, 0
     outcomes = []
     per_step = len(minibatches) // optimizer_steps
     bar = tqdm(total=len(minibatches), desc="training", leave=False, disable=not show_progress)
@@ -136,10 +142,13 @@ def train_epoch(trainer, optimizer, minibatches, clip_range, timesteps_per_call,
             with no_sync():
                 stats = precision.accumulate(
                     lambda: policy_gradient_backward(trainer, minibatch, clip_range, timesteps_per_call,
-                                                     precision.backward, base, kl_weight), parameters, total)
+                                                     precision.backward, kl), parameters, total)
             loss_is_finite &= math.isfinite(stats["loss"])
             for key in means:
                 means[key] += stats[key] / len(minibatches)
+            if kl is not None:
+                kl_sum += stats["kl_to_base"] * stats["kl_measured_steps"]  # a mean over every measured step
+                kl_count += stats["kl_measured_steps"]
             bar.update()
         for p, summed in zip(parameters, reduce(total)):
             p.grad = summed
@@ -150,6 +159,8 @@ def train_epoch(trainer, optimizer, minibatches, clip_range, timesteps_per_call,
             outcomes.append("nonfinite_gradient" if loss_is_finite else "nonfinite_loss")
         optimizer.zero_grad(set_to_none=True)
     bar.close()
+    if kl is not None:
+        means["kl_to_base"] = kl_sum / max(kl_count, 1)
     return {**means, "steps": outcomes}
 
 
@@ -206,16 +217,17 @@ def run_epoch(settings, epoch, accelerator, sampler, trainer, optimizer, precisi
     # ---------------------------------------------------------------- TRAINING
     generator = torch.Generator().manual_seed(settings.seed * 7919 + epoch * 31 + rank)
     minibatches = training_minibatches(samples, advantages, settings.train_policy_batch_size,
-                                       settings.train_timestep_fraction, generator)
+                                       settings.train_timestep_fraction, generator, settings.train_kl_fraction)
+    kl = KLToBase(sampler, settings.train_kl_weight) if settings.train_kl_fraction else None
     if training_call is None:
         candidates = training_call_candidates(settings.train_gradient_checkpointing, settings.train_timesteps_per_call,
                                               minibatches[0]["log_probs"].shape[1])
         training_call = fit_training_calls(accelerator, trainer, optimizer, minibatches[0], candidates,
-                                           settings.train_clip_range, precision.backward)
+                                           settings.train_clip_range, precision.backward, kl)
     stats = train_epoch(trainer, optimizer, minibatches, settings.train_clip_range, training_call[1],
                         settings.train_optimizer_steps_per_epoch, precision,
                         lambda: accelerator.no_sync(trainer.unet), mean_over_processes(accelerator),
-                        accelerator.is_main_process, base=sampler, kl_weight=settings.train_kl_weight)
+                        accelerator.is_main_process, kl=kl)
     steps = stats.pop("steps")
     # Each process trained on its share of the images: log the mean over all of them.
     stats = {key: accelerator.reduce(torch.tensor(value, device=accelerator.device), "mean").item()
@@ -414,8 +426,8 @@ def train(settings, accelerator):
         accelerator.print(
             f"epoch {epoch}: reward {metrics['reward_mean']:.4f} ± {metrics['reward_std']:.4f}, "
             f"loss {stats['loss']:.4g}, clipfrac {stats['clipfrac']:.3f}, kl {stats['approx_kl']:.2e}, "
-            f"KL to base {stats['kl_to_base']:.2e}, "
-            f"sampling {seconds['sampling']:.1f}s, training {seconds['training']:.1f}s"
+            + (f"KL to base {stats['kl_to_base']:.2e}, " if "kl_to_base" in stats else "")
+            + f"sampling {seconds['sampling']:.1f}s, training {seconds['training']:.1f}s"
             + (f", {metrics['skipped_steps']} step(s) skipped (not finite)" if metrics["skipped_steps"] else ""))
         skipped_in_a_row = count_skipped_steps(skipped_in_a_row, result["steps"], precision, epoch)
         if is_save_epoch(settings, epoch):
@@ -431,7 +443,10 @@ def train(settings, accelerator):
 
 def guards_line(settings):
     """The start-up line on the guards against reward hacking (docs/policy.md)."""
-    return (f"guards: KL to the base model logged every epoch (one no-grad UNet call more per trained step); "
+    measured = (f"KL to the base model logged every epoch, measured on {settings.train_kl_fraction:.0%} of the "
+                f"epoch's images (one no-grad UNet call more per trained step of those)" if settings.train_kl_fraction
+                else "KL to the base model not measured (train_kl_fraction = 0)")
+    return (f"guards: {measured}; "
             f"train_kl_weight={settings.train_kl_weight}{' (off)' if not settings.train_kl_weight else ''}, "
             f"train_reward_pessimism={settings.train_reward_pessimism}"
             f"{' (off: the plain ensemble mean)' if not settings.train_reward_pessimism else ''}")

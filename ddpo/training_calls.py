@@ -57,8 +57,10 @@ def set_gradient_checkpointing(unet, on):
     unet.enable_gradient_checkpointing() if on else unet.disable_gradient_checkpointing()
 
 
-def fit_training_calls(accelerator, trainer, optimizer, minibatch, candidates, clip_range, backward):
+def fit_training_calls(accelerator, trainer, optimizer, minibatch, candidates, clip_range, backward, kl=None):
     """The first of `candidates` whose training call fits, tried on `minibatch`: (checkpointing, per call).
+
+    With `kl` (ddpo/kl.py KLToBase) the probe makes training's base-model calls too, so their memory counts.
 
     The probe's gradient is thrown away. Every process then takes the latest candidate any of them
     needed, so all make the same calls (identical GPUs find the same one; different ones may not
@@ -73,7 +75,7 @@ def fit_training_calls(accelerator, trainer, optimizer, minibatch, candidates, c
         trainer.unet.train()
         try:
             with accelerator.no_sync(trainer.unet):
-                policy_gradient_backward(trainer, minibatch, clip_range, count, backward)
+                policy_gradient_backward(trainer, minibatch, clip_range, count, backward, kl)
         finally:
             optimizer.zero_grad(set_to_none=True)
 

@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext, redirect_stderr, redirect_stdout
+from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,6 +162,21 @@ def stage_command(name, *args, cwd, checkpoint=None, env=None):
     settings = {**stage_paths(cwd, checkpoint), **TINY_SETTINGS}
     command = [sys.executable, str(REPO / f"{name}.py"), *(f"--{k}={v}" for k, v in settings.items()), *args]
     return command, {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
+
+
+@contextmanager
+def running_stage(name, *args, cwd, checkpoint=None, until):
+    """A stage script started in the background; the block runs once it has printed a line containing `until`,
+    and the process is killed after it. Yields the Popen (its pid, poll())."""
+    command, env = stage_command(name, *args, cwd=cwd, checkpoint=checkpoint, env={"PYTHONUNBUFFERED": "1"})
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        while until not in (line := process.stdout.readline()):
+            assert line, f"{name}.py ended before printing {until!r}"
+        yield process
+    finally:
+        process.kill()
+        process.wait()
 
 
 def run_scripts(calls):

@@ -13,7 +13,7 @@ from helpers import write_red_round
 from score_round import serving
 
 import train_reward
-from conftest import REPO, assert_ok, run_script, snapshot, stage_command
+from conftest import REPO, assert_ok, run_script, running_stage, snapshot, stage_command
 from utils.cli import parse_settings
 from utils.errors import UserError
 from utils.samples import (
@@ -106,20 +106,12 @@ def test_generate_killed_while_archiving_the_rated_round_keeps_it_whole(tmp_path
 @pytest.mark.stages
 def test_a_second_generate_or_generate_under_the_rating_page_is_refused_at_start(tmp_path, tiny_checkpoint):
     samples = tmp_path / "samples"
-    command, env = stage_command("generate", "--generate_sample_size=100000", "--generate_lora=none", cwd=tmp_path,
-                                 checkpoint=tiny_checkpoint, env={"PYTHONUNBUFFERED": "1"})
-    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                             text=True)
-    try:
-        while "generating" not in (line := first.stdout.readline()):
-            assert line, "the first generate ended early"
+    with running_stage("generate", "--generate_sample_size=100000", "--generate_lora=none", cwd=tmp_path,
+                       checkpoint=tiny_checkpoint, until="generating") as first:
         round_file = (samples / "round.json").read_bytes()
         second = run_script("generate", "--generate_sample_size=2", "--prompt=another round", cwd=tmp_path,
                             checkpoint=tiny_checkpoint)
         assert first.poll() is None, "the first run must still be running for this test to mean anything"
-    finally:
-        first.kill()
-        first.wait()
     assert second.returncode == 2, second.stderr
     assert second.stderr.strip() == second.stderr.strip().splitlines()[0]
     assert f"in use by generate (pid {first.pid}" in second.stderr and str(samples) in second.stderr

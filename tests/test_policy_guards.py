@@ -16,7 +16,7 @@ import torch
 from test_ddpo_reference import ADV_CLIP_MAX, CLIP_RANGE, OPTIMIZERS, SHUFFLE_SEED, lora_weights, reference
 
 from conftest import REPO, TINY_SETTINGS, tiny_denoiser
-from ddpo.kl import adapters_disabled, gaussian_kl, step_kl_to_base, trajectory_kl_to_base
+from ddpo.kl import KLToBase, adapters_disabled, gaussian_kl, measured_steps, step_kl_to_base, trajectory_kl_to_base
 from ddpo.ppo import compute_advantages, policy_gradient_backward
 from ddpo.precision import MixedPrecision
 from ddpo.reward_model import LatentRewardModel, RewardEnsemble, pessimistic_reward
@@ -118,8 +118,8 @@ def test_the_kl_penalty_adds_weight_times_each_steps_kl_with_its_gradient(denois
     trainer.unet.zero_grad(set_to_none=True)
     n = len(record["latents"])
     # advantages 0: the PPO term has no gradient, so what is left is the penalty's
-    stats = policy_gradient_backward(trainer, minibatch_of(record, torch.zeros(n)), CLIP_RANGE, 2, base=trainer,
-                                     kl_weight=weight)
+    stats = policy_gradient_backward(trainer, minibatch_of(record, torch.zeros(n)), CLIP_RANGE, 2,
+                                     kl=KLToBase(trainer, weight))
     ours = lora_gradient(trainer.unet)
     trainer.unet.zero_grad(set_to_none=True)
     # by hand: upstream's loss is a mean over images summed over timesteps, so the penalty is too
@@ -158,12 +158,96 @@ def test_with_both_guards_at_zero_an_epoch_still_gives_the_seeds_lora_weights(de
     minibatches = training_minibatches(samples, compute_advantages(rewards, ADV_CLIP_MAX), 1, 1.0,
                                        torch.Generator().manual_seed(SHUFFLE_SEED))
     stats = train_epoch(trainer, optimizer, minibatches, CLIP_RANGE, 1, 1, MixedPrecision.create("no", "cpu"),
-                        base=trainer, kl_weight=0.0)
+                        kl=KLToBase(trainer, 0.0))
     actual = lora_weights(trainer.unet)
     update = (expected - lora_weights(reference_denoiser.unet)).abs().max().item()
     tolerance = update * (1e-3 if optimizer_name == "sgd" else 0.2)
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=tolerance)
     assert stats["kl_to_base"] > 0  # measured all the same
+
+
+@pytest.mark.parametrize("images,steps,fraction", [(4, 3, 0.25), (32, 10, 0.25), (1, 5, 0.25), (5, 7, 1.0),
+                                                    (3, 2, 0.01), (10, 2, 0.5)])
+def test_the_measured_steps_are_every_step_of_an_evenly_spaced_fraction_of_images_weighted_to_a_mean_of_one(
+        images, steps, fraction):
+    weights = measured_steps(images, steps, fraction)
+    assert weights.shape == (images, steps)
+    measured = (weights > 0).all(1).nonzero()[:, 0]
+    assert ((weights > 0).any(1) == (weights > 0).all(1)).all(), "an image is measured at all its steps or none"
+    assert len(measured) == max(1, round(fraction * images))
+    assert weights.mean().item() == pytest.approx(1.0)
+    assert set(weights.flatten().tolist()) <= {0.0, images / len(measured)}
+    if len(measured) > 2:  # evenly spaced: the gaps differ by at most one
+        gaps = measured.diff()
+        assert gaps.max() - gaps.min() <= 1
+
+
+def test_a_penalty_on_measured_steps_is_weight_times_their_kl_scaled_to_every_steps_share(denoiser, record):
+    """Measured on 1 of the 4 images, its 3 steps: the penalty is weight x 4 x their KL / 4 images (an unbiased
+    estimate of the mean over all 4), and the logged KL is their mean."""
+    weight, n = 0.7, len(record["latents"])
+    minibatch = minibatch_of(record, torch.zeros(n))
+    minibatch["kl_measured"] = measured_steps(n, STEPS, 0.25)  # (4, 3)
+    trainer = copy.deepcopy(denoiser)
+    trainer.unet.zero_grad(set_to_none=True)
+    stats = policy_gradient_backward(trainer, minibatch, CLIP_RANGE, 2, kl=KLToBase(trainer, weight))
+    ours = lora_gradient(trainer.unet)
+    trainer.unet.zero_grad(set_to_none=True)
+    total, kls = 0.0, []
+    for i, j in minibatch["kl_measured"].nonzero().tolist():  # image i at its j-th timestep
+        latents, t = record["latents"][i:i + 1, j], record["timesteps"][j]
+        lora_pred = guided_noise_pred(trainer, latents, t.reshape(1))
+        with torch.no_grad(), adapters_disabled(trainer.unet):
+            base_pred = guided_noise_pred(trainer, latents, t.reshape(1))
+        mean_lora, std = hand_ddim_mean(trainer.scheduler, lora_pred, int(t), latents)
+        mean_base, _ = hand_ddim_mean(trainer.scheduler, base_pred, int(t), latents)
+        kl = ((mean_lora - mean_base) ** 2 / (2 * std ** 2)).mean()
+        total = total + weight * 4 * kl / n  # upstream's sum over timesteps of a mean over images
+        kls.append(kl.item())
+    assert len(kls) == 3
+    total.backward()
+    by_hand = lora_gradient(trainer.unet)
+    assert by_hand.abs().max() > 0
+    torch.testing.assert_close(ours, by_hand, rtol=1e-3, atol=1e-3 * by_hand.abs().max().item())
+    assert stats["kl_to_base"] == pytest.approx(sum(kls) / 3, rel=1e-4) and stats["kl_measured_steps"] == 3
+
+
+@contextlib.contextmanager
+def counting_unet_rows(unet):
+    """A list that gets the batch size of every UNet call inside the block."""
+    rows = []
+    handle = unet.register_forward_pre_hook(lambda module, args: rows.append(len(args[0])))
+    try:
+        yield rows
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.25, 0.0])
+def test_the_kl_fraction_is_the_share_of_extra_unet_rows_an_epoch_costs(denoiser, record, fraction):
+    """The cost of measuring the KL, counted: the base model runs on `fraction` of the trained rows."""
+    n = len(record["latents"])
+    samples = {**record, "timesteps": record["timesteps"].expand(n, -1)}
+    minibatches = training_minibatches(samples, torch.randn(n, generator=torch.Generator().manual_seed(0)), 2, 1.0,
+                                       torch.Generator().manual_seed(0), fraction)
+    trainer = copy.deepcopy(denoiser)
+    optimizer = torch.optim.SGD([p for p in trainer.unet.parameters() if p.requires_grad], lr=0.0)
+    with counting_unet_rows(trainer.unet) as rows:
+        stats = train_epoch(trainer, optimizer, minibatches, CLIP_RANGE, 1, 1, MixedPrecision.create("no", "cpu"),
+                            kl=KLToBase(trainer) if fraction else None)
+    trained = 2 * n * STEPS  # classifier-free guidance: two rows per (image, timestep)
+    assert sum(rows) == trained + round(fraction * trained)
+    assert ("kl_to_base" in stats) == bool(fraction)
+
+
+@pytest.mark.parametrize("arguments,match", [
+    (["--train_kl_fraction=1.5"], "train_kl_fraction must be in"),
+    (["--train_kl_fraction=-0.1"], "train_kl_fraction must be in"),
+    (["--train_kl_weight=0.1", "--train_kl_fraction=0"], "does not measure"),
+])
+def test_a_kl_fraction_out_of_range_or_none_under_a_penalty_is_refused(arguments, match):
+    with pytest.raises(SettingsError, match=match):
+        parse_settings(arguments)
 
 
 # ---------------------------------------------------------------- pessimism
@@ -220,14 +304,15 @@ def rate_by_brightness(folder, calibration=None):
 REWARD = {"train_reward_num_epochs": 20, "train_reward_batch_size": 8, "train_reward_loss": "ranking",
           "train_reward_test_split_ratio": 0.25, "seed": 0}
 POLICY = {"train_sample_batch_size": 8, "train_sample_num_batches_per_epoch": 2, "train_policy_batch_size": 16,
-          "train_policy_learning_rate": 1e-2, "train_policy_num_epochs": 1, "train_save_freq": 1,
+          "train_policy_learning_rate": 1e-2, "train_policy_num_epochs": 2, "train_save_freq": 1,
           "train_preview_seeds": ""}
 
 
 @pytest.fixture(scope="module")
 def next_rounds(tmp_path_factory, tiny_checkpoint):
     """{"good", "wrong"}: train_reward's output and reward metrics on the second round, made with a LoRA trained
-    against a reward model of the person's taste (brightness) or of its opposite; the person rates brightness."""
+    against a reward model of the person's taste (brightness) or of its opposite; the person rates brightness.
+    {"policy_good", "policy_wrong"}: train_policy's output, metrics records and plot."""
     import generate
     import train_policy
     import train_reward
@@ -245,7 +330,12 @@ def next_rounds(tmp_path_factory, tiny_checkpoint):
             scores_file = folder / "samples" / "scores.json"
             scores_file.write_text(json.dumps({k: -v for k, v in json.loads(scores_file.read_text()).items()}))
         stage(train_reward, folder, tiny_checkpoint, **REWARD)
-        stage(train_policy, folder, tiny_checkpoint, **POLICY)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            stage(train_policy, folder, tiny_checkpoint, **POLICY)
+        with open(folder / "outputs" / "policy_metrics.jsonl") as f:
+            outcome[f"policy_{kind}"] = (printed.getvalue(), [json.loads(line) for line in f],
+                                         folder / "outputs" / "policy_metrics.png")
         stage(generate, folder, tiny_checkpoint, generate_sample_size=ROUND_IMAGES, generate_batch_size=16)
         rate_by_brightness(folder, calibration)  # the person: brightness, as always
         printed = io.StringIO()
@@ -259,7 +349,7 @@ def next_rounds(tmp_path_factory, tiny_checkpoint):
 
 def test_a_lora_trained_against_a_wrong_reward_model_is_flagged_by_the_next_rounds_ratings(next_rounds):
     stdout, checks = next_rounds["wrong"]
-    assert len(checks) == 1 and checks[0]["lora"] == "diffusers_lora_epoch_1.safetensors"
+    assert len(checks) == 1 and checks[0]["lora"] == "diffusers_lora_epoch_2.safetensors"
     assert checks[0]["blind_spots_found"] and checks[0]["spearman"] < 0
     assert "found the reward model's blind spots" in stdout and "consider an earlier lora" in stdout.lower()
 
@@ -269,6 +359,16 @@ def test_a_lora_trained_against_a_good_reward_model_is_not_flagged(next_rounds):
     assert len(checks) == 1 and checks[0]["ratings"] == ROUND_IMAGES
     assert not checks[0]["blind_spots_found"] and checks[0]["spearman"] > 0.5
     assert "Spearman" in stdout and "blind spots" not in stdout
+
+
+def test_train_policy_logs_each_epochs_kl_to_the_base_model_and_says_on_what_share(next_rounds):
+    stdout, records, plot = next_rounds["policy_good"]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert records[0]["kl_to_base"] == 0  # epoch 1 trains at the new LoRA, which is the base model (B = 0)
+    assert records[1]["kl_to_base"] > 1e-6  # after one AdamW step at lr 1e-2 it is not
+    assert "KL to the base model logged every epoch, measured on 25% of the epoch's images" in stdout
+    assert "KL to base" in stdout.split("epoch 2: reward")[1].splitlines()[0]
+    assert plot.stat().st_size > 0
 
 
 # ---------------------------------------------------------------- the instrument runs

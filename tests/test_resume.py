@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_ok, run_script, stage_command
+from conftest import assert_ok, run_script, running_stage, stage_command
 from utils.metrics import read_jsonl
 from utils.run_state import STATE_FILE
 
@@ -94,18 +94,10 @@ def test_an_interrupted_save_is_completed_by_the_next_run_and_a_half_metrics_lin
 
 
 def test_a_second_train_policy_on_one_outputs_folder_is_refused_at_start(tmp_path, tiny_checkpoint, reward_model):
-    command, env = stage_command("train_policy", *policy_args(reward_model, 1000, 1000), cwd=tmp_path,
-                                 checkpoint=tiny_checkpoint, env={"PYTHONUNBUFFERED": "1"})
-    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                             text=True)
-    try:
-        while "epoch 1: reward" not in (line := first.stdout.readline()):
-            assert line, "the first run ended early"
+    with running_stage("train_policy", *policy_args(reward_model, 1000, 1000), cwd=tmp_path,
+                       checkpoint=tiny_checkpoint, until="epoch 1: reward") as first:
         second = run_script("train_policy", *policy_args(reward_model, 2, 1), cwd=tmp_path, checkpoint=tiny_checkpoint)
         assert first.poll() is None, "the first run must still be running for this test to mean anything"
-    finally:
-        first.kill()
-        first.wait()
     assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr
     assert f"in use by train_policy (pid {first.pid}" in second.stderr and str(tmp_path / "outputs") in second.stderr
     assert not list((tmp_path / "outputs").glob("*lora_epoch_*"))  # the refused run wrote nothing

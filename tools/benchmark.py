@@ -307,6 +307,8 @@ def variants(settings, trained_steps, use_cuda):
         if checkpointing != settings.train_gradient_checkpointing:
             runs.append((f"train_gradient_checkpointing={checkpointing}",
                          {"train_gradient_checkpointing": checkpointing}))
+    for fraction in sorted({0.0, 1.0} - {settings.train_kl_fraction}):  # the cost of measuring the KL to base
+        runs.append((f"train_kl_fraction={fraction:g}", {"train_kl_fraction": fraction}))
     if use_cuda and resolve_mixed_precision(settings.mixed_precision, "cuda") != "no":
         runs.append(("mixed_precision=no", {"mixed_precision": "no"}))
     return runs
@@ -382,7 +384,7 @@ def main():
               "settings": {name: getattr(settings, name) for name in (
                   "lora_rank", "guidance_scale", "mixed_precision", "train_policy_batch_size",
                   "train_optimizer_steps_per_epoch", "train_timestep_fraction", "train_timesteps_per_call",
-                  "train_gradient_checkpointing", "train_compile")},
+                  "train_gradient_checkpointing", "train_kl_fraction", "train_compile")},
               "runs": []}
     runs = variants(settings, trained_steps, use_cuda) if args.compare else [("default", {})]
     child_args = [f"--{name}={getattr(args, name)}" for name in ("arch", "height", "width", "device", "steps",

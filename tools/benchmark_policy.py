@@ -1,7 +1,7 @@
 """Does the policy learn the person's *true* taste, or only the reward model's blind spots? (docs/policy.md)
 
     nice -n 10 python -m tools.benchmark_policy [--tastes=warmth,coolness] [--methods=upstream,kl] [--seeds=2]
-                                                [--epochs=6] [--save_every=2] [--prompt_file=F] [--eval_prompt_file=G]
+                                                [--epochs=16] [--save_every=4] [--prompt_file=F] [--eval_prompt_file=G]
 
 A scripted rater with a hidden taste (tools/scripted_rater.py TASTES, rating as people do: NoisyRater)
 takes the person's place, and the real stages run in worker processes on the tiny checkpoint
@@ -43,7 +43,7 @@ from tools.scripted_rater import TASTES, NoisyRater, calibration_of, taste_value
 from utils.cli import parse_settings, stage_paths
 from utils.files import write_json_atomic
 from utils.lora_files import epoch_files
-from utils.metrics import read_jsonl
+from utils.metrics import read_jsonl, save_figure
 from utils.reward_files import load_reward_model, reward_model_metadata
 from utils.samples import ROUND_FILE, latent_file, load_latent, round_images
 
@@ -65,9 +65,9 @@ SETTINGS = {
 }
 METHODS = {  # name: train_policy settings over SETTINGS
     "upstream": {"train_kl_weight": 0.0, "train_reward_pessimism": 0.0},
-    "kl": {"train_kl_weight": 1.0, "train_reward_pessimism": 0.0},
+    "kl": {"train_kl_weight": 0.01, "train_reward_pessimism": 0.0},  # DPOK's for one prompt; 0.1 and 1 froze the LoRA
     "pessimism": {"train_kl_weight": 0.0, "train_reward_pessimism": 1.0},
-    "kl_and_pessimism": {"train_kl_weight": 1.0, "train_reward_pessimism": 1.0},
+    "kl_and_pessimism": {"train_kl_weight": 0.01, "train_reward_pessimism": 1.0},
 }
 DEFAULT_METHODS = ["upstream", "kl", "pessimism"]
 
@@ -231,10 +231,8 @@ def plot(path, results):
             axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("first-round std (true: solid, proxy: dashed)")
     axes[0][0].legend(fontsize=6)
-    figure.suptitle("fresh images' true taste vs the reward model's score, by epoch (mean ± std over seeds)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+    save_figure(figure, path, "fresh images' true taste vs the reward model's score, by epoch (mean ± std over seeds)",
+                dpi=90)
 
 
 def main():
@@ -242,8 +240,8 @@ def main():
     parser.add_argument("--tastes", default=",".join(TUNED_ON + UNTUNED), help=f"any of {', '.join(TASTES)}")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"any of {', '.join(METHODS)}")
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=8, help="train_policy epochs (one loop)")
-    parser.add_argument("--save_every", type=int, default=2, help="epochs between saved (and measured) LoRAs")
+    parser.add_argument("--epochs", type=int, default=16, help="train_policy epochs (one loop)")
+    parser.add_argument("--save_every", type=int, default=4, help="epochs between saved (and measured) LoRAs")
     parser.add_argument("--ratings", type=int, default=64, help="images in the first round, all rated")
     parser.add_argument("--eval_images", type=int, default=32, help="fresh seeds each saved LoRA is measured on")
     parser.add_argument("--steps", type=int, default=SETTINGS["num_inference_steps"], help="DDIM steps per image")

@@ -48,6 +48,7 @@ from ddpo.statistics import pairwise_accuracy, spearman
 from tools.scripted_rater import TASTES, TUNED_ON, NoisyRater, calibration_of, taste_values
 from utils.cli import parse_settings
 from utils.files import write_json_atomic
+from utils.metrics import save_figure
 from utils.samples import latent_file, load_latent, round_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, where generate.py and bench/ are
@@ -236,10 +237,7 @@ def plot(path, results, goal_size):
             axis.set_xlabel("ratings (a comparison counts as one)")
             axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    figure.suptitle("held-out agreement with the rater's noiseless taste (mean ± std over seeds)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+    save_figure(figure, path, "held-out agreement with the rater's noiseless taste (mean ± std over seeds)", dpi=90)
 
 
 def main():

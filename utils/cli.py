@@ -55,7 +55,7 @@ INTEGERS = {"lora_rank", "generate_sample_size", "generate_batch_size", "height"
             "train_timesteps_per_call", "seed", "train_images_per_prompt"}
 NUMBERS = {"guidance_scale", "eta", "train_reward_test_split_ratio", "train_reward_learning_rate",
            "train_reward_min_correlation", "train_policy_learning_rate", "train_adv_clip_max", "train_clip_range",
-           "train_timestep_fraction", "train_kl_weight", "train_reward_pessimism"}
+           "train_timestep_fraction", "train_kl_weight", "train_kl_fraction", "train_reward_pessimism"}
 BOOLEANS = {"generate_vae_slicing", "generate_vae_tiling", "score_open_browser", "train_reward_use_history",
             "train_reward_flip_augment", "train_offload_frozen", "train_compile"}
 TEXTS = {"sample_path", "score_path", "comparison_path", "model_path", "checkpoint_path", "checkpoint_config",
@@ -330,6 +330,12 @@ def validate_settings(s, num_processes=1):
         if getattr(s, name) < 0:
             raise SettingsError(f"{name} must be 0 (off) or more (got {getattr(s, name)}): a negative one would reward "
                                 "drifting from the base model or the reward models' disagreement.")
+    if not 0 <= s.train_kl_fraction <= 1:
+        raise SettingsError(f"train_kl_fraction must be in [0, 1] (got {s.train_kl_fraction}): the share of each "
+                            "epoch's images the KL to the base model is measured on, 0 for none.")
+    if s.train_kl_weight and not s.train_kl_fraction:
+        raise SettingsError(f"train_kl_weight = {s.train_kl_weight} penalises the KL to the base model, which "
+                            "train_kl_fraction = 0 does not measure: set train_kl_fraction above 0 (e.g. 0.25).")
     if s.mixed_precision not in ("auto", "fp16", "bf16", "no"):
         raise SettingsError(f"mixed_precision must be auto, fp16, bf16 or no (got {s.mixed_precision!r}).")
     if set(s.lora_name_prefix) & set('/\\:<>"|?*'):

@@ -80,10 +80,17 @@ def plot_curves(path, records, x_key, panels, title, columns=3, marks=()):
         axis.legend(fontsize=8)
     for axis in axes.flat[len(panels):]:
         axis.set_visible(False)
+    save_figure(figure, path, title)
+
+
+def save_figure(figure, path, title, dpi=100):
+    """Title, lay out and write a matplotlib figure as a PNG (temp file + rename), then free it."""
+    import matplotlib.pyplot as plt
+
     figure.suptitle(title)
     figure.tight_layout()
     with writing(path) as temp_path:
-        figure.savefig(temp_path, dpi=100, format="png")
+        figure.savefig(temp_path, dpi=dpi, format="png")
     plt.close(figure)
 
 
