@@ -136,6 +136,15 @@ def tiny_denoiser(guidance_scale, eta, dtype=torch.float32, autocast=nullcontext
 CURRENT_TEST = {"id": None, "stages": False}
 
 
+def pytest_collection_modifyitems(config, items):
+    """Modules of slow tests only first, then those with some, then the rest (stable within each): with a
+    worker per core (pyproject.toml) the minutes-long tests then start at once beside the others instead
+    of running alone at the end."""
+    slow, fast = ({item.module.__name__ for item in items if bool(item.get_closest_marker("slow")) == marked}
+                  for marked in (True, False))
+    items.sort(key=lambda item: (item.module.__name__ not in slow) + (item.module.__name__ in fast))  # 0 all slow
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     """Before the fixtures are set up: a module-scoped fixture runs its scripts for the first test that needs it."""
